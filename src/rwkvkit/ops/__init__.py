@@ -1,0 +1,104 @@
+"""The WKV operator: one signature, several implementations.
+
+``wkv(w, u, k, v, state) -> (y, new_state)`` with w = -exp(time_decay) and u =
+time_first, both [C]; k, v [B, T, C]; state (aa, bb, pp) each [B, C] or None.
+y and the state are float32 (float64 if k is float64).
+
+Backends:
+
+- ``"reference"``: :mod:`rwkvkit.ops.reference`, the spec; slow.
+- ``"torch"``: chunked PyTorch formulation, any device, autograd backward.
+- ``"cpu"``: compiled C++ scan (forward and backward), built lazily; falls
+  back to ``"torch"`` with one warning where it cannot be built.
+- ``"cuda"``: the GPU kernel (see :mod:`rwkvkit.ops.cuda`).
+- ``"auto"``: ``"cuda"`` for CUDA tensors, ``"cpu"`` for CPU tensors, each
+  falling back to ``"torch"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from .reference import wkv_closed_form, wkv_reference
+from .types import WKVState, initial_state
+
+BACKENDS = ("auto", "reference", "torch", "cpu", "cuda")
+
+_impl_cache: dict[str, Callable | None] = {}
+
+
+def _load(name: str) -> Callable | None:
+    """The implementation function of a backend, or None if it cannot run here."""
+    if name in _impl_cache:
+        return _impl_cache[name]
+    fn: Callable | None
+    if name == "reference":
+        fn = wkv_reference
+    else:
+        module = {"torch": "chunked", "cpu": "cpu", "cuda": "cuda"}[name]
+        try:
+            mod = importlib.import_module(f"{__name__}.{module}")
+        except ImportError:
+            fn = None
+        else:
+            fn = mod.get_implementation()  # None when unavailable (warns once)
+    _impl_cache[name] = fn
+    return fn
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Which implementation ``backend`` means for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown WKV backend {backend!r}; expected one of {BACKENDS}")
+    if backend != "auto":
+        if _load(backend) is None:
+            if backend in ("cpu", "cuda") and _load("torch") is not None:
+                return "torch"
+            raise RuntimeError(f"WKV backend {backend!r} is not available on this machine")
+        return backend
+    preferred = "cuda" if device.type == "cuda" else "cpu"
+    for name in (preferred, "torch", "reference"):
+        if _load(name) is not None:
+            return name
+    return "reference"
+
+
+def wkv(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: WKVState | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, WKVState]:
+    """Run the WKV operator with the chosen backend (see module docstring)."""
+    fn = _load(resolve_backend(backend, k.device))
+    assert fn is not None
+    return fn(w, u, k, v, state)
+
+
+def wkv_step(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: WKVState
+) -> tuple[torch.Tensor, WKVState]:
+    """One token of the stable recurrence (spec 2.4) on [B, C] tensors.
+
+    The RNN step of the model uses this directly: for T = 1 a few element-wise
+    ops are cheaper than any kernel launch.  Same arithmetic as the reference.
+    """
+    aa, bb, pp = state
+    ww = u + k
+    q = torch.maximum(pp, ww)
+    e1 = torch.exp(pp - q)
+    e2 = torch.exp(ww - q)
+    y = (e1 * aa + e2 * v) / (e1 * bb + e2)
+    ww = pp + w
+    q = torch.maximum(ww, k)
+    e1 = torch.exp(ww - q)
+    e2 = torch.exp(k - q)
+    return y, (e1 * aa + e2 * v, e1 * bb + e2, q)
+
+
+__all__ = ["wkv", "wkv_step", "wkv_reference", "wkv_closed_form", "resolve_backend", "initial_state", "BACKENDS"]
