@@ -1,0 +1,688 @@
+"""Checkpoint readers and writers: every RWKV-4 format a user is likely to hold.
+
+Formats are recognised by their content, never by the file name:
+
+- ``pth``: BlinkDL's official ``torch.save``'d dict (fp32/fp16/bf16), also
+  Lightning files whose keys carry a ``_forward_module.`` prefix;
+- ``safetensors``: one ``.safetensors`` file with the official key names;
+- ``hf``: a Hugging Face ``RwkvForCausalLM`` folder (``config.json`` with
+  ``model.safetensors`` or ``pytorch_model.bin``, sharded or not);
+- ``rwkvcpp``: an rwkv.cpp ``.bin`` (FP32, FP16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0;
+  see :mod:`rwkvkit.rwkvcpp`), dequantised on load;
+- ``rwkvkit``: rwkvkit's own folder, ``config.json`` (the
+  :class:`~rwkvkit.config.ModelConfig` plus a format marker) beside
+  ``model.safetensors``.
+
+Every reader yields a dict with the official key names (spec 3.1); the
+architecture is inferred from its shapes and every key is checked against
+:meth:`ModelConfig.expected_shapes`.  Other RWKV generations and variants are
+recognised from their keys and refused with a message naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from . import rwkvcpp
+from .config import ModelConfig, dtype_from_name, dtype_name
+from .errors import CheckpointError, ShapeError, UnsupportedModelError
+from .io_utils import atomic_dir, atomic_path
+
+FORMAT_MARKER = "rwkvkit"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+# Output formats of `convert`.
+TARGETS = ("rwkvkit", "hf", "pth", "rwkvcpp")
+
+_LIGHTNING_PREFIX = "_forward_module."
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_UNSET: Any = object()
+
+# ------------------------------------------------------------------ HF names
+# The one declarative table between official names and transformers'
+# RwkvForCausalLM names (spec 3.6).  Placeholders: {i} a block index, {p}
+# weight|bias, {m} a projection name.  No reshapes, transposes or casts.
+HF_NAME_TABLE: tuple[tuple[str, str], ...] = (
+    ("emb.weight", "rwkv.embeddings.weight"),
+    ("blocks.0.ln0.{p}", "rwkv.blocks.0.pre_ln.{p}"),
+    ("blocks.{i}.ln1.{p}", "rwkv.blocks.{i}.ln1.{p}"),
+    ("blocks.{i}.ln2.{p}", "rwkv.blocks.{i}.ln2.{p}"),
+    ("blocks.{i}.att.time_decay", "rwkv.blocks.{i}.attention.time_decay"),
+    ("blocks.{i}.att.time_first", "rwkv.blocks.{i}.attention.time_first"),
+    ("blocks.{i}.att.time_mix_k", "rwkv.blocks.{i}.attention.time_mix_key"),
+    ("blocks.{i}.att.time_mix_v", "rwkv.blocks.{i}.attention.time_mix_value"),
+    ("blocks.{i}.att.time_mix_r", "rwkv.blocks.{i}.attention.time_mix_receptance"),
+    ("blocks.{i}.att.{m}.weight", "rwkv.blocks.{i}.attention.{m}.weight"),
+    ("blocks.{i}.ffn.time_mix_k", "rwkv.blocks.{i}.feed_forward.time_mix_key"),
+    ("blocks.{i}.ffn.time_mix_r", "rwkv.blocks.{i}.feed_forward.time_mix_receptance"),
+    ("blocks.{i}.ffn.{m}.weight", "rwkv.blocks.{i}.feed_forward.{m}.weight"),
+    ("ln_out.{p}", "rwkv.ln_out.{p}"),
+    ("head.weight", "head.weight"),
+)
+_PLACEHOLDERS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)", "m": r"(?P<m>key|value|receptance|output)"}
+
+
+def _compile(pattern: str) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", pattern)
+    rx = "".join(re.escape(s) if n % 2 == 0 else _PLACEHOLDERS[s] for n, s in enumerate(parts))
+    return re.compile(rx + r"\Z")
+
+
+_TO_HF = [(_compile(a), b) for a, b in HF_NAME_TABLE]
+_FROM_HF = [(_compile(b), a) for a, b in HF_NAME_TABLE]
+
+
+def _rename(key: str, table) -> str | None:
+    for rx, template in table:
+        m = rx.match(key)
+        if m:
+            return template.format(**m.groupdict())
+    return None
+
+
+def official_to_hf(key: str) -> str:
+    """``blocks.3.att.time_mix_k`` -> ``rwkv.blocks.3.attention.time_mix_key``."""
+    out = _rename(key, _TO_HF)
+    if out is None:
+        raise CheckpointError(f"tensor '{key}' has no Hugging Face name")
+    return out
+
+
+def hf_to_official(key: str) -> str | None:
+    """The inverse of :func:`official_to_hf`; None for a key outside the table."""
+    return _rename(key, _FROM_HF)
+
+
+# ------------------------------------------------------------ what was read
+@dataclass
+class Checkpoint:
+    """Tensors with official names, as read from a file, and what the file said."""
+
+    path: Path
+    format: str
+    tensors: dict[str, torch.Tensor]
+    # Bytes on disk (all files of a folder).
+    file_bytes: int
+    # dtype name as stored -> number of elements (rwkv.cpp: its type names).
+    stored: dict[str, int] = field(default_factory=dict)
+    # rwkv.cpp: the header's main type and version; HF/rwkvkit: their config.json.
+    details: dict[str, Any] = field(default_factory=dict)
+    # Non-tensor entries of a .pth (e.g. the pip package's '_strategy').
+    non_tensors: list[str] = field(default_factory=list)
+
+    @property
+    def default_dtype(self) -> torch.dtype:
+        """The float dtype holding most elements as loaded (quantised -> float32)."""
+        counts: dict[torch.dtype, int] = {}
+        for t in self.tensors.values():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+        best = max(counts, key=counts.get) if counts else torch.float32
+        return best if best in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else torch.float32
+
+
+def _file_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------- detection
+def detect_format(path: "str | os.PathLike") -> str:
+    """``"pth"``, ``"safetensors"``, ``"hf"``, ``"rwkvkit"`` or ``"rwkvcpp"``, from the content."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such file or folder: '{path}'")
+    if path.is_dir():
+        cfg_path = path / CONFIG
+        if not cfg_path.is_file():
+            raise CheckpointError(
+                f"folder '{path}' holds no model: expected {CONFIG} beside {WEIGHTS} (an rwkvkit or Hugging Face folder)"
+            )
+        cfg = _read_json(cfg_path)
+        if cfg.get("format") == FORMAT_MARKER:
+            return "rwkvkit"
+        if "model_type" in cfg or "architectures" in cfg:
+            return "hf"
+        raise CheckpointError(
+            f"'{cfg_path}' is neither an rwkvkit config (\"format\": \"{FORMAT_MARKER}\") nor a Hugging Face one (\"model_type\")"
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"'{path}' is empty (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if rwkvcpp.is_rwkvcpp(head):
+        return "rwkvcpp"
+    if head[:4] == b"PK\x03\x04":
+        return "pth"  # torch.save's zip container
+    if head[:1] == b"\x80":
+        return "pth"  # torch.save's legacy pickle container
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"  # u64 header length, then a JSON header
+    raise CheckpointError(
+        f"'{path}' is not a checkpoint rwkvkit knows (first bytes {head[:8].hex(' ')}): expected an official .pth "
+        "(torch.save), a .safetensors file, an rwkv.cpp .bin ('ggmf' magic), or a folder with config.json"
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read '{path}' as JSON: {_first_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"'{path}' must hold a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------- generations
+_GENERATIONS = (
+    # (test on a key, generation label, architecture nickname)
+    (lambda k: k.endswith((".att.r_k", ".att.x_r", ".att.x_rwkvag")), "RWKV-7", "Goose"),
+    (lambda k: ".time_maa" in k, "RWKV-6", "Finch"),
+    (lambda k: ".ln_x." in k, "RWKV-5", "Eagle"),
+    (lambda k: ".tiny_" in k or k.startswith("tiny_"), "RWKV-4a", "tiny attention"),
+    (lambda k: re.search(r"\.att\.(qq|kk|vv|oo)\.weight\Z|time_mix_(qq|kk|vv)\Z|att_mask\Z", k) is not None, "RWKV-4b", "small QKV attention"),
+)
+
+
+def detect_generation(tensors: Mapping[str, Any], non_tensors: Iterable[str] = ()) -> tuple[str, str | None]:
+    """(label, evidence key): ``("4", None)`` for plain RWKV-4, else e.g.
+    ``("RWKV-6 (Finch)", "blocks.0.att.time_maa_x")``.
+
+    Follows the key rules of the `rwkv` package (spec 3.1, section 8); the 5.x
+    sub-version is read as that package does: ``gate.weight`` -> 5.1, a
+    per-head 2-D ``time_decay`` -> 5.2.
+    """
+    for key in list(non_tensors) + list(tensors):
+        if key in ("_strategy", "_version", "_rescale_layer"):
+            return "a file converted by the `rwkv` pip package", key
+    keys = sorted(tensors)
+    for test, label, nick in _GENERATIONS:
+        hit = next((k for k in keys if test(k)), None)
+        if hit is None:
+            continue
+        if label == "RWKV-5":
+            if any(k.endswith(".att.gate.weight") for k in keys):
+                label = "RWKV-5.1"
+            td = next((tensors[k] for k in keys if k.endswith(".att.time_decay")), None)
+            if td is not None and td.dim() > 1 and td.shape[1] > 1:
+                label = "RWKV-5.2"
+        return f"{label} ({nick})", hit
+    return "4", None
+
+
+def check_generation(ck: Checkpoint) -> None:
+    label, key = detect_generation(ck.tensors, ck.non_tensors)
+    if label == "4":
+        return
+    if label.startswith("a file converted"):
+        raise UnsupportedModelError(
+            f"'{ck.path}' is {label} (it has the entry '{key}'): it holds pre-processed, transposed weights; "
+            "load the original .pth instead"
+        )
+    raise UnsupportedModelError(f"'{ck.path}' is an {label} model (it has the tensor '{key}'); rwkvkit runs RWKV-4 only")
+
+
+# ------------------------------------------------------------------- readers
+def _torch_load(path: Path) -> dict:
+    """torch.load that never runs arbitrary pickled code and maps big files."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            # The legacy (non-zip) container cannot be memory-mapped.
+            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
+                raise
+            with open(path, "rb") as fh:
+                if fh.read(4) == b"PK\x03\x04":
+                    raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        msg = _first_line(exc)
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise CheckpointError(
+                f"'{path}' holds Python objects other than tensors, which rwkvkit does not unpickle ({msg[:200]})"
+            ) from None
+        raise CheckpointError(f"cannot read '{path}' as a PyTorch checkpoint, it is truncated or corrupt: {msg[:200]}") from None
+    return obj
+
+
+def _state_dict_from_pth(path: Path, obj: Any) -> tuple[dict[str, torch.Tensor], list[str]]:
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # a Lightning .ckpt
+    elif isinstance(obj, dict) and isinstance(obj.get("module"), dict) and "emb.weight" not in obj:
+        obj = obj["module"]  # a DeepSpeed model-states file
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"'{path}' holds a {type(obj).__name__}, expected a dict of tensors (a state dict)")
+    tensors: dict[str, torch.Tensor] = {}
+    others: list[str] = []
+    for key, value in obj.items():
+        key = str(key)
+        if key.startswith(_LIGHTNING_PREFIX):
+            key = key[len(_LIGHTNING_PREFIX) :]
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            others.append(key)
+    return tensors, others
+
+
+def _check_tensor_entries(path: Path, tensors: Mapping[str, torch.Tensor], others: list[str]) -> None:
+    label, _ = detect_generation(tensors, others)
+    if others and label == "4":
+        raise CheckpointError(f"'{path}' has non-tensor entries {sorted(others)[:5]}; expected a dict of tensors only")
+
+
+def _read_pth(path: Path) -> Checkpoint:
+    tensors, others = _state_dict_from_pth(path, _torch_load(path))
+    _check_tensor_entries(path, tensors, others)
+    return Checkpoint(path, "pth", tensors, _file_bytes(path), non_tensors=others)
+
+
+def _safetensors_header(path: Path) -> dict:
+    """Parse the JSON header, with errors that name what is wrong."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"safetensors file '{path}' is truncated: {size} bytes, shorter than its 8-byte length prefix")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"safetensors file '{path}' is truncated: its header needs {n} bytes, the file has {size - 8} after the prefix")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"safetensors file '{path}' has a corrupt header: {_first_line(exc)}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"safetensors file '{path}' has a corrupt header (not a JSON object)")
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"safetensors file '{path}' is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def _read_safetensors_file(path: Path, meta: bool) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    _safetensors_header(path)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if meta:
+                    sl = f.get_slice(key)
+                    out[key] = torch.empty(sl.get_shape(), dtype=_ST_DTYPES.get(sl.get_dtype(), torch.uint8), device="meta")
+                else:
+                    out[key] = f.get_tensor(key)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise CheckpointError(f"cannot read safetensors file '{path}': {_first_line(exc)[:200]}") from None
+    return out
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
+
+
+def _read_hf(path: Path, meta: bool) -> Checkpoint:
+    cfg = _read_json(path / CONFIG)
+    mtype = str(cfg.get("model_type", ""))
+    archs = cfg.get("architectures") or []
+    if mtype != "rwkv":
+        gen = {"rwkv5": "RWKV-5 (Eagle)", "rwkv6": "RWKV-6 (Finch)", "rwkv7": "RWKV-7 (Goose)"}.get(mtype)
+        if gen:
+            raise UnsupportedModelError(f"'{path}' is an {gen} Hugging Face model (model_type '{mtype}'); rwkvkit runs RWKV-4 only")
+        raise CheckpointError(
+            f"'{path / CONFIG}' has model_type {mtype!r} (architectures {archs}); expected 'rwkv' (RwkvForCausalLM)"
+        )
+    files: list[Path]
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "model.safetensors.index.json").is_file():
+        files = _shards(path, "model.safetensors.index.json")
+    elif (path / "pytorch_model.bin").is_file():
+        files = [path / "pytorch_model.bin"]
+    elif (path / "pytorch_model.bin.index.json").is_file():
+        files = _shards(path, "pytorch_model.bin.index.json")
+    else:
+        raise CheckpointError(f"Hugging Face folder '{path}' has no weights: expected one of {', '.join(_HF_WEIGHT_FILES)}")
+    hf: dict[str, torch.Tensor] = {}
+    for f in files:
+        if detect_format(f) == "safetensors":
+            part = _read_safetensors_file(f, meta)
+        else:
+            part, others = _state_dict_from_pth(f, _torch_load(f))
+            if others:
+                raise CheckpointError(f"'{f}' has non-tensor entries {sorted(others)[:5]}; expected a dict of tensors only")
+        hf.update(part)
+    tensors: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, t in hf.items():
+        name = hf_to_official(key)
+        if name is None:
+            unknown.append(key)
+        else:
+            tensors[name] = t
+    if unknown:
+        raise CheckpointError(f"Hugging Face folder '{path}' has unexpected tensors {sorted(unknown)[:5]} (not RwkvForCausalLM names)")
+    return Checkpoint(path, "hf", tensors, _file_bytes(path), details={"config": cfg})
+
+
+def _shards(path: Path, index_name: str) -> list[Path]:
+    index = _read_json(path / index_name)
+    wmap = index.get("weight_map")
+    if not isinstance(wmap, dict) or not wmap:
+        raise CheckpointError(f"'{path / index_name}' has no 'weight_map'")
+    files = []
+    for name in dict.fromkeys(wmap.values()):
+        f = path / str(name)
+        if not f.is_file():
+            raise CheckpointError(f"shard '{f}' named in '{path / index_name}' is missing")
+        files.append(f)
+    return files
+
+
+def _read_rwkvkit(path: Path, meta: bool) -> Checkpoint:
+    cfg = _read_json(path / CONFIG)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"rwkvkit folder '{path}' has no {WEIGHTS}")
+    version = cfg.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"'{path / CONFIG}' has format_version {version!r}; this rwkvkit reads version {FORMAT_VERSION}")
+    tensors = _read_safetensors_file(weights, meta)
+    return Checkpoint(path, "rwkvkit", tensors, _file_bytes(path), details={"config": cfg})
+
+
+def _read_rwkvcpp(path: Path, meta: bool, progress: bool) -> Checkpoint:
+    if meta:
+        header, records = rwkvcpp.read_index(path)
+        raw = {
+            r.name: torch.empty(r.shape, dtype=torch.float16 if r.type_name == "FP16" else torch.float32, device="meta")
+            for r in records
+        }
+    else:
+        header, records, raw = rwkvcpp.read_raw(path, progress=progress)
+    stored: dict[str, int] = {}
+    for r in records:
+        stored[r.type_name] = stored.get(r.type_name, 0) + r.numel
+    details = {"version": header.version, "main_type": header.type_name, "n_vocab": header.n_vocab, "n_embed": header.n_embed, "n_layer": header.n_layer}
+    ck = Checkpoint(path, "rwkvcpp", raw, _file_bytes(path), stored=stored, details=details)
+    if detect_generation(raw)[0] == "4":
+        ck.tensors = rwkvcpp.to_official(raw)
+    return ck
+
+
+def read(path: "str | os.PathLike", *, meta: bool = False, progress: bool = False) -> Checkpoint:
+    """Read a checkpoint of any supported format into official-name tensors.
+
+    ``meta=True`` reads shapes and dtypes only (meta tensors where the format
+    allows it), which is what ``rwkvkit info`` needs.  No validation beyond the
+    container: see :func:`load`.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "pth":
+        ck = _read_pth(path)
+    elif fmt == "safetensors":
+        ck = Checkpoint(path, "safetensors", _read_safetensors_file(path, meta), _file_bytes(path))
+    elif fmt == "hf":
+        ck = _read_hf(path, meta)
+    elif fmt == "rwkvkit":
+        ck = _read_rwkvkit(path, meta)
+    else:
+        ck = _read_rwkvcpp(path, meta, progress)
+    if not ck.stored:
+        for t in ck.tensors.values():
+            name = dtype_name(t.dtype)
+            ck.stored[name] = ck.stored.get(name, 0) + t.numel()
+    return ck
+
+
+# ---------------------------------------------------------------- validation
+def validate(tensors: Mapping[str, torch.Tensor], config: ModelConfig, source: "str | os.PathLike") -> None:
+    """Every expected key present with its exact shape, nothing else, floats only."""
+    expected = config.expected_shapes()
+    for key, shape in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"'{source}' is missing tensor '{key}' (expected shape {shape})")
+        got = tuple(tensors[key].shape)
+        if got != shape:
+            raise ShapeError(f"'{source}': tensor '{key}' has shape {got}, expected {shape}")
+        if not tensors[key].is_floating_point():
+            raise CheckpointError(f"'{source}': tensor '{key}' has dtype {dtype_name(tensors[key].dtype)}, expected a float type")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise CheckpointError(f"'{source}' has unexpected tensors {extra[:5]}{more}; not a plain RWKV-4 checkpoint")
+
+
+def infer_config(ck: Checkpoint) -> ModelConfig:
+    """Generation check, sizes from shapes, then every key validated."""
+    check_generation(ck)
+    try:
+        cfg = ModelConfig.from_state_dict(ck.tensors)
+    except CheckpointError as exc:
+        raise type(exc)(f"'{ck.path}': {exc}") from None
+    validate(ck.tensors, cfg, ck.path)
+    if ck.format == "rwkvcpp":
+        d = ck.details
+        if (d["n_vocab"], d["n_embed"], d["n_layer"]) != (cfg.vocab_size, cfg.n_embd, cfg.n_layer):
+            raise CheckpointError(
+                f"rwkv.cpp file '{ck.path}' header says n_vocab={d['n_vocab']} n_embed={d['n_embed']} n_layer={d['n_layer']}, "
+                f"but its tensors have {cfg.vocab_size}, {cfg.n_embd}, {cfg.n_layer}"
+            )
+    if ck.format == "rwkvkit":
+        saved = {k: v for k, v in ck.details["config"].items() if k not in ("format", "format_version")}
+        stored_cfg = ModelConfig.from_dict(saved)
+        for name in ("n_layer", "n_embd", "vocab_size", "dim_att", "dim_ffn"):
+            if getattr(stored_cfg, name) != getattr(cfg, name):
+                raise CheckpointError(
+                    f"'{ck.path}': {CONFIG} says {name}={getattr(stored_cfg, name)}, the weights have {getattr(cfg, name)}"
+                )
+        cfg = stored_cfg
+    return cfg
+
+
+# --------------------------------------------------------------------- load
+def load(
+    path: "str | os.PathLike",
+    *,
+    dtype: "str | torch.dtype | None" = None,
+    device: "str | torch.device | None" = None,
+    rescale_every: "int | None" = None,
+    ln0_fold_dtype: "str | None" = _UNSET,
+    progress: bool = False,
+):
+    """Load an RWKV-4 checkpoint of any supported format; returns an
+    :class:`~rwkvkit.model.RWKV` in eval mode.
+
+    ``dtype`` casts every weight (default: the file's float dtype; quantised
+    rwkv.cpp weights become float32).  ``rescale_every`` and ``ln0_fold_dtype``
+    set the numerical conventions of :class:`~rwkvkit.config.ModelConfig`;
+    unset, an rwkvkit folder keeps the values it was saved with and every other
+    format gets 0 and None (HF's ``rescale_every`` is not taken from its
+    config.json: it changes logits only through the LayerNorm eps, and 0 is
+    the exact model).  Raises :class:`~rwkvkit.errors.CheckpointError` (or a
+    subclass) with one line naming the problem.
+    """
+    from .model import RWKV
+
+    ck = read(path, progress=progress)
+    cfg = infer_config(ck)
+    fold = cfg.ln0_fold_dtype if ln0_fold_dtype is _UNSET else ln0_fold_dtype
+    if rescale_every is not None:
+        cfg.rescale_every = int(rescale_every)
+    cfg.ln0_fold_dtype = None  # folded below, once the weights are in
+    cfg.__post_init__()
+    if fold is not None:
+        dtype_from_name(fold)
+    target = dtype_from_name(dtype) if dtype is not None else ck.default_dtype
+    sd = {k: v.to(target).contiguous() for k, v in ck.tensors.items()}
+    # Built on the meta device and filled by assignment: no second copy of the
+    # weights, and memory-mapped tensors stay mapped until first written.
+    with torch.device("meta"):
+        model = RWKV(cfg)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if device is not None:
+        model.to(_device(device))
+    model.eval()
+    if fold is not None:
+        model.fold_ln0(fold)
+    return model
+
+
+def _device(device: "str | torch.device") -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"invalid device {device!r}: {_first_line(exc)}") from None
+
+
+# ---------------------------------------------------------------------- info
+def inspect(path: "str | os.PathLike") -> dict[str, Any]:
+    """What ``rwkvkit info`` prints: format, generation, sizes, dtypes, bytes.
+
+    Reads shapes only (no dequantisation, no model).
+    """
+    ck = read(path, meta=True)
+    label, evidence = detect_generation(ck.tensors, ck.non_tensors)
+    info: dict[str, Any] = {"path": str(ck.path), "format": ck.format}
+    if ck.format == "rwkvcpp":
+        info["format_version"] = ck.details["version"]
+        info["quantization"] = ck.details["main_type"]
+        info["tensor_types"] = dict(sorted(ck.stored.items()))
+    info["generation"] = "RWKV-4" if label == "4" else label
+    if evidence:
+        info["generation_evidence"] = evidence
+    if label == "4":
+        cfg = infer_config(ck)
+        info.update(
+            layers=cfg.n_layer,
+            n_embd=cfg.n_embd,
+            dim_att=cfg.dim_att,
+            dim_ffn=cfg.dim_ffn,
+            vocab=cfg.vocab_size,
+        )
+        info["parameters"] = sum(t.numel() for t in ck.tensors.values())
+        info["state_bytes_per_sequence"] = cfg.state_bytes_per_sequence
+        if ck.format == "rwkvkit":
+            info["rescale_every"] = cfg.rescale_every
+            info["ln0_fold_dtype"] = cfg.ln0_fold_dtype
+    else:
+        emb = ck.tensors.get("emb.weight")
+        blocks = {int(m.group(1)) for k in ck.tensors for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
+        if blocks:
+            info["layers"] = max(blocks) + 1
+        if emb is not None and emb.dim() == 2:
+            info["vocab"], info["n_embd"] = int(emb.shape[0]), int(emb.shape[1])
+        info["parameters"] = sum(t.numel() for t in ck.tensors.values())
+        info["supported"] = False
+    info["dtypes"] = dict(sorted(ck.stored.items()))
+    info["file_bytes"] = ck.file_bytes
+    return info
+
+
+# --------------------------------------------------------------------- write
+def _official_state_dict(model) -> dict[str, torch.Tensor]:
+    sd = model.state_dict()
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def save(model, folder: "str | os.PathLike") -> Path:
+    """Write ``model`` as an rwkvkit folder (config.json + model.safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    sd = _official_state_dict(model)
+    config = {"format": FORMAT_MARKER, "format_version": FORMAT_VERSION, **model.config.to_dict()}
+    with atomic_dir(folder) as tmp:
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """A transformers ``RwkvConfig`` (as config.json) for ``config``."""
+    return {
+        "architectures": ["RwkvForCausalLM"],
+        "model_type": "rwkv",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "attention_hidden_size": config.dim_att,
+        "intermediate_size": config.dim_ffn,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "context_length": 1024,
+        "rescale_every": config.rescale_every,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "dtype": dtype_name(dtype),
+    }
+
+
+def save_hf(model, folder: "str | os.PathLike") -> Path:
+    """Write a Hugging Face ``RwkvForCausalLM`` folder, atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    sd = {official_to_hf(k): v for k, v in _official_state_dict(model).items()}
+    with atomic_dir(folder) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = hf_config(model.config, model.dtype)
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder
+
+
+def save_pth(model, path: "str | os.PathLike") -> Path:
+    """Write an official-format .pth (BlinkDL key names and shapes), atomically."""
+    path = Path(path)
+    sd = _official_state_dict(model)
+    with atomic_path(path) as tmp:
+        torch.save(sd, tmp)
+    return path
+
+
+def save_rwkvcpp(model, path: "str | os.PathLike", type_name: str = "FP32") -> Path:
+    """Write an rwkv.cpp file (FP32 or FP16) as its own converter would, atomically."""
+    path = Path(path)
+    sd = _official_state_dict(model)
+    with atomic_path(path) as tmp:
+        rwkvcpp.write_state_dict(tmp, sd, model.config.n_layer, type_name)
+    return path
+
+
+def convert(src: "str | os.PathLike", dst: "str | os.PathLike", to: str, dtype: "str | torch.dtype | None" = None, progress: bool = False) -> Path:
+    """Read ``src`` (any format), write ``dst`` in format ``to``, atomically.
+
+    Weights are copied unchanged unless ``dtype`` casts them.  For ``rwkvcpp``
+    the output type is FP16 when the weights are float16 (or ``dtype`` says
+    so), else FP32.
+    """
+    if to not in TARGETS:
+        raise CheckpointError(f"unknown output format {to!r}; expected one of {', '.join(TARGETS)}")
+    model = load(src, dtype=dtype, progress=progress)
+    if to == "rwkvkit":
+        return save(model, dst)
+    if to == "hf":
+        return save_hf(model, dst)
+    if to == "pth":
+        return save_pth(model, dst)
+    return save_rwkvcpp(model, dst, "FP16" if model.dtype == torch.float16 else "FP32")

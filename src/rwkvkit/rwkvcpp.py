@@ -1,0 +1,340 @@
+"""The rwkv.cpp model file ("ggmf" magic): reader, dequantisers, writer.
+
+Layout (rwkv.cpp ``docs/FILE_FORMAT.md``; our notes in shared/data/README.md
+section 1.2): a 24-byte header of six little-endian u32 -- magic 0x67676d66,
+version (100 or 101), n_vocab, n_embed, n_layer, main data type -- then tensor
+records until the end of the file, without padding:
+
+    i32 n_dims, i32 name_length, i32 data_type, i32 ne[n_dims], name, data
+
+``ne`` is in ggml order (fastest axis first), i.e. the PyTorch shape reversed,
+and the data is the PyTorch tensor in row-major order.  Quantised types store
+blocks of 32 consecutive elements along ``ne[0]``.
+
+rwkv.cpp changes two RWKV-4 tensors on conversion; :func:`to_official` undoes
+it: ``att.time_decay`` is stored as ``-exp(d)`` (the per-step log-decay), and
+every ``.time_*`` tensor is squeezed, so ``time_mix_*`` are ``(C,)`` instead of
+``(1, 1, C)``.
+
+Quantised layouts are those of ggml after 2023-05 (file version 101).  Version
+100 files used an older, incompatible block layout for the quantised types
+(e.g. an fp32 scale in Q4_0); those are refused rather than decoded wrongly.
+FP32 and FP16 data are the same in both versions.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+MAGIC = 0x67676D66  # "ggmf" read as a little-endian u32; b"fmgg" on disk
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+VERSION_OLD_QUANT = 100
+VERSION = 101
+
+# rwkv.cpp type code -> (name, elements per block, bytes per block).
+TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("FP32", 1, 4),
+    1: ("FP16", 1, 2),
+    2: ("Q4_0", 32, 18),  # f16 d; u8 qs[16]
+    3: ("Q4_1", 32, 20),  # f16 d; f16 m; u8 qs[16]
+    7: ("Q5_0", 32, 22),  # f16 d; u8 qh[4]; u8 qs[16]
+    8: ("Q5_1", 32, 24),  # f16 d; f16 m; u8 qh[4]; u8 qs[16]
+    9: ("Q8_0", 32, 34),  # f16 d; i8 qs[32]
+}
+# Types that rwkv.cpp once wrote and later removed.
+REMOVED_TYPES = {4: "Q4_1_O", 5: "Q4_2", 6: "Q4_3"}
+TYPE_CODES = {name: code for code, (name, _, _) in TYPES.items()}
+QUANTIZED = frozenset(name for name, block, _ in TYPES.values() if block > 1)
+
+_HEADER = struct.Struct("<6I")
+_MAX_NAME = 1 << 16
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    n_vocab: int
+    n_embed: int
+    n_layer: int
+    data_type: int
+
+    @property
+    def type_name(self) -> str:
+        return TYPES.get(self.data_type, (REMOVED_TYPES.get(self.data_type, f"type {self.data_type}"),))[0]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One tensor record: where its data lies in the file and how it is coded."""
+
+    name: str
+    type_code: int
+    shape: tuple[int, ...]  # PyTorch order (ne reversed)
+    offset: int  # of the data, from the start of the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return TYPES[self.type_code][0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def is_rwkvcpp(head: bytes) -> bool:
+    return head[:4] == MAGIC_BYTES
+
+
+def read_index(path: "str | os.PathLike") -> tuple[Header, list[Record]]:
+    """Parse the header and every tensor record without reading tensor data.
+
+    Raises :class:`CheckpointError` naming the file, and the tensor where it
+    applies, when the file is truncated or malformed.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(_HEADER.size)
+        if len(raw) < _HEADER.size:
+            raise CheckpointError(f"rwkv.cpp file '{path}' is truncated: {size} bytes, shorter than its 24-byte header")
+        magic, version, n_vocab, n_embed, n_layer, data_type = _HEADER.unpack(raw)
+        if magic != MAGIC:
+            raise CheckpointError(f"'{path}' is not an rwkv.cpp file: magic {magic:#010x}, expected {MAGIC:#010x}")
+        if version not in (VERSION_OLD_QUANT, VERSION):
+            raise CheckpointError(f"rwkv.cpp file '{path}' has format version {version}; rwkvkit reads versions 100 and 101")
+        header = Header(version, n_vocab, n_embed, n_layer, data_type)
+        records: list[Record] = []
+        pos = _HEADER.size
+        while pos < size:
+            fh.seek(pos)
+            fixed = fh.read(12)
+            if len(fixed) < 12:
+                raise CheckpointError(f"rwkv.cpp file '{path}' is truncated inside the record after tensor {len(records)} (offset {pos})")
+            n_dims, name_len, type_code = struct.unpack("<3i", fixed)
+            if not 1 <= n_dims <= 4 or not 0 < name_len < _MAX_NAME:
+                raise CheckpointError(
+                    f"rwkv.cpp file '{path}' is corrupt at offset {pos}: record with {n_dims} dims and a {name_len}-byte name"
+                )
+            ne_raw = fh.read(4 * n_dims)
+            name_raw = fh.read(name_len)
+            if len(ne_raw) < 4 * n_dims or len(name_raw) < name_len:
+                raise CheckpointError(f"rwkv.cpp file '{path}' is truncated inside a tensor record header (offset {pos})")
+            ne = struct.unpack(f"<{n_dims}i", ne_raw)
+            try:
+                name = name_raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise CheckpointError(f"rwkv.cpp file '{path}' is corrupt at offset {pos}: tensor name is not UTF-8") from None
+            if type_code in REMOVED_TYPES:
+                raise CheckpointError(
+                    f"tensor '{name}' in '{path}' uses {REMOVED_TYPES[type_code]}, a type rwkv.cpp has removed; re-quantize the model"
+                )
+            if type_code not in TYPES:
+                raise CheckpointError(f"tensor '{name}' in '{path}' has unknown data type {type_code}")
+            if any(d <= 0 for d in ne):
+                raise CheckpointError(f"tensor '{name}' in '{path}' has a non-positive dimension {ne}")
+            tname, block, block_bytes = TYPES[type_code]
+            numel = 1
+            for d in ne:
+                numel *= d
+            if block > 1:
+                if version == VERSION_OLD_QUANT:
+                    raise CheckpointError(
+                        f"tensor '{name}' in '{path}' is {tname} in an rwkv.cpp version-100 file, whose quantized block "
+                        "layout predates ggml's May-2023 format and is not supported; re-quantize it with a current rwkv.cpp"
+                    )
+                if ne[0] % block:
+                    raise CheckpointError(f"tensor '{name}' in '{path}': {tname} row length {ne[0]} is not a multiple of {block}")
+            nbytes = numel // block * block_bytes
+            data_at = pos + 12 + 4 * n_dims + name_len
+            if data_at + nbytes > size:
+                raise CheckpointError(
+                    f"rwkv.cpp file '{path}' is truncated: tensor '{name}' needs {nbytes} bytes at offset {data_at}, "
+                    f"but the file ends at {size}"
+                )
+            records.append(Record(name, type_code, tuple(reversed(ne)), data_at, nbytes))
+            pos = data_at + nbytes
+    if not records:
+        raise CheckpointError(f"rwkv.cpp file '{path}' holds a header but no tensors")
+    return header, records
+
+
+# ------------------------------------------------------------------ dequantise
+def _f16(col: np.ndarray) -> np.ndarray:
+    """[n, 2] uint8 -> [n, 1] float32 from little-endian IEEE half."""
+    return np.ascontiguousarray(col).view("<f2").astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[n, 16] packed bytes -> [n, 32]: low nibbles are elements 0..15, high 16..31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """[n, 4] bytes of a little-endian u32 -> [n, 32] with bit j of it in column j."""
+    return np.unpackbits(qh, axis=1, bitorder="little")
+
+
+def dequantize(raw: np.ndarray, type_name: str, numel: int) -> np.ndarray:
+    """Decode ``numel`` elements of ggml type ``type_name`` from bytes ``raw``.
+
+    Vectorised over blocks; returns a flat float32 array.  The formulas are
+    ggml's reference ``dequantize_row_*`` (version-101 layouts):
+    Q4_0 ``(q - 8) d``, Q4_1 ``q d + m``, Q5_0 ``(q - 16) d``, Q5_1 ``q d + m``,
+    Q8_0 ``q d``; in the 4/5-bit types byte j of ``qs`` holds element j in its
+    low nibble and element j + 16 in its high nibble, and bit j of ``qh`` is
+    the fifth bit of element j.
+    """
+    raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
+    if type_name == "FP32":
+        return raw.view("<f4").astype(np.float32, copy=True)
+    if type_name == "FP16":
+        return raw.view("<f2").astype(np.float32)
+    _, block, block_bytes = TYPES[TYPE_CODES[type_name]]
+    blocks = raw.reshape(numel // block, block_bytes)  # [n_blocks, bytes per block]
+    d = _f16(blocks[:, 0:2])
+    if type_name == "Q4_0":
+        q = _nibbles(blocks[:, 2:18]).astype(np.float32)
+        out = (q - 8.0) * d
+    elif type_name == "Q4_1":
+        m = _f16(blocks[:, 2:4])
+        out = _nibbles(blocks[:, 4:20]).astype(np.float32) * d + m
+    elif type_name == "Q5_0":
+        q = _nibbles(blocks[:, 6:22]) | (_high_bits(blocks[:, 2:6]) << 4)
+        out = (q.astype(np.float32) - 16.0) * d
+    elif type_name == "Q5_1":
+        m = _f16(blocks[:, 2:4])
+        q = _nibbles(blocks[:, 8:24]) | (_high_bits(blocks[:, 4:8]) << 4)
+        out = q.astype(np.float32) * d + m
+    elif type_name == "Q8_0":
+        q = np.ascontiguousarray(blocks[:, 2:34]).view(np.int8).astype(np.float32)
+        out = q * d
+    else:  # pragma: no cover - TYPES and this switch are kept in step
+        raise CheckpointError(f"no dequantizer for {type_name}")
+    return out.reshape(-1).astype(np.float32, copy=False)
+
+
+def read_tensor(mm: np.ndarray, rec: Record) -> np.ndarray:
+    """The tensor of ``rec`` as float32 (quantised) or its stored float type, shaped as in PyTorch."""
+    raw = mm[rec.offset : rec.offset + rec.nbytes]
+    if rec.type_name == "FP32":
+        arr = raw.view("<f4").copy()  # copy: records are not 4-byte aligned
+    elif rec.type_name == "FP16":
+        arr = raw.view("<f2").copy()
+    else:
+        arr = dequantize(raw, rec.type_name, rec.numel)
+    return arr.reshape(rec.shape)
+
+
+def read_raw(path: "str | os.PathLike", progress: bool = False) -> tuple[Header, list[Record], dict[str, torch.Tensor]]:
+    """Read and decode every tensor, with rwkv.cpp's own names and shapes."""
+    from tqdm.auto import tqdm
+
+    header, records = read_index(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors: dict[str, torch.Tensor] = {}
+    for rec in tqdm(records, desc="reading rwkv.cpp tensors", unit="tensor", disable=None if progress else True, leave=False):
+        if rec.name in tensors:
+            raise CheckpointError(f"tensor '{rec.name}' appears twice in rwkv.cpp file '{path}'")
+        tensors[rec.name] = torch.from_numpy(read_tensor(mm, rec))
+    del mm
+    return header, records, tensors
+
+
+# --------------------------------------------------------------- transforms
+def to_official(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo rwkv.cpp's RWKV-4 conversion: official key shapes and time_decay d.
+
+    ``time_decay`` was stored as ``w = -exp(d)``; ``d = log(-w)`` in float64 so
+    the round trip adds no rounding beyond float32's.  Squeezed ``time_mix_*``
+    tensors get their ``(1, 1, C)`` shape back.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith("att.time_decay"):
+            w = t.double()
+            if not w.is_meta and bool((w >= 0).any()):
+                raise CheckpointError(
+                    f"tensor '{name}' holds non-negative values; rwkv.cpp stores RWKV-4 decays as -exp(d) < 0"
+                )
+            t = torch.log(-w).to(t.dtype)
+        elif ".time_mix_" in name and t.dim() == 1:
+            t = t.reshape(1, 1, -1)  # (C,) -> (1, 1, C)
+        out[name] = t
+    return out
+
+
+def from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`to_official`: what rwkv.cpp's converter stores."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.endswith("att.time_decay"):
+            t = -torch.exp(t.double()).float()
+        if ".time_" in name:
+            t = t.squeeze()
+        out[name] = t
+    return out
+
+
+# -------------------------------------------------------------------- writing
+def write(
+    path: "str | os.PathLike",
+    header: Header,
+    records: Iterable[tuple[str, str, tuple[int, ...], bytes]],
+) -> None:
+    """Write an rwkv.cpp file from ``(name, type name, PyTorch shape, raw data)`` records.
+
+    The data must already be coded in the named type (for quantised types, as
+    ggml blocks of 32 along the last PyTorch axis).  Writes ``path`` directly;
+    callers wanting atomicity pass a path from :func:`rwkvkit.io_utils.atomic_path`.
+    """
+    with open(path, "wb") as fh:
+        fh.write(_HEADER.pack(MAGIC, header.version, header.n_vocab, header.n_embed, header.n_layer, header.data_type))
+        for name, type_name, shape, data in records:
+            code = TYPE_CODES[type_name]
+            _, block, block_bytes = TYPES[code]
+            numel = 1
+            for s in shape:
+                numel *= s
+            if shape[-1] % block or len(data) != numel // block * block_bytes:
+                raise ValueError(f"tensor '{name}': {len(data)} bytes do not code shape {shape} as {type_name}")
+            key = name.encode("utf-8")
+            ne = tuple(reversed(shape))
+            fh.write(struct.pack(f"<3i{len(ne)}i", len(ne), len(key), code, *ne))
+            fh.write(key)
+            fh.write(data)
+
+
+def write_state_dict(path: "str | os.PathLike", sd: Mapping[str, torch.Tensor], n_layer: int, type_name: str = "FP32") -> None:
+    """Write an official-name RWKV-4 state dict as rwkv.cpp would convert it.
+
+    ``type_name`` is ``"FP32"`` or ``"FP16"``; as in rwkv.cpp's converter, only
+    tensors with two or more dimensions whose names lack ``.time_`` are stored
+    in FP16, everything else in FP32.
+    """
+    if type_name not in ("FP32", "FP16"):
+        raise CheckpointError(f"rwkv.cpp output type must be FP32 or FP16, got {type_name!r}")
+    cpp = from_official(sd)
+    emb = cpp["emb.weight"]
+
+    def records():
+        for name, t in cpp.items():
+            t = t.detach().cpu()
+            half = type_name == "FP16" and t.dim() >= 2 and ".time_" not in name
+            arr = t.to(torch.float16 if half else torch.float32).contiguous().numpy()
+            yield name, "FP16" if half else "FP32", tuple(t.shape), arr.astype("<f2" if half else "<f4").tobytes()
+
+    header = Header(VERSION, int(emb.shape[0]), int(emb.shape[1]), n_layer, TYPE_CODES[type_name])
+    write(path, header, records())
