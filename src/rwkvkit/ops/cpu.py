@@ -1,0 +1,147 @@
+"""Compiled C++ WKV for the CPU ("cpu" backend): forward and backward scans.
+
+The extension (``csrc/wkv_cpu.cpp``) is built on first use with
+``torch.utils.cpp_extension.load`` and cached in torch's extension folder, so
+only the first process on a machine pays the compile (tens of seconds).  If it
+cannot be built (no compiler, no ninja, no headers), one warning names the
+cause and :func:`get_implementation` returns None: the dispatcher then uses
+the pure-PyTorch ``"torch"`` backend.  float32 and float64 run natively.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .types import WKVState, check_inputs, compute_dtype, initial_state
+
+_log = logging.getLogger(__name__)
+
+_SOURCES = [Path(__file__).with_name("csrc") / "wkv_cpu.cpp"]
+# -O3 with the exception-free subset of fast-math: no errno, no traps, so
+# exp/max vectorise, but inf/NaN keep their meaning (no -ffinite-math-only).
+# No -march=native: the build cache may be shared by different machines.
+_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+
+# force_fail -> built module or None; one entry per process and flag.
+_builds: dict[bool, object | None] = {}
+_build_seconds: float | None = None
+
+
+def _build(force_fail: bool = False):
+    """Compile (or load from cache) the extension; None and one warning on failure.
+
+    ``force_fail=True`` takes the failure path without compiling, so tests can
+    check the fallback on a machine that does have a compiler.
+    """
+    global _build_seconds
+    if force_fail in _builds:
+        return _builds[force_fail]
+    ext = None
+    try:
+        if force_fail:
+            raise RuntimeError("build disabled by _build(force_fail=True)")
+        from torch.utils import cpp_extension
+
+        # cpp_extension runs `ninja` from PATH; a venv's bin (where the `ninja`
+        # wheel puts it) is only on PATH when the venv is activated.
+        extra = [os.path.dirname(sys.executable)]
+        try:
+            import ninja
+
+            extra.append(ninja.BIN_DIR)
+        except ImportError:
+            pass
+        path = os.environ.get("PATH", "")
+        missing = [d for d in extra if d not in path.split(os.pathsep)]
+        if missing:
+            os.environ["PATH"] = os.pathsep.join(missing + [path])
+        start = time.perf_counter()
+        _log.info("building the C++ WKV kernel (first use on this machine)")
+        ext = cpp_extension.load(
+            name="rwkvkit_wkv_cpu_v1",
+            sources=[str(s) for s in _SOURCES],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+        _build_seconds = time.perf_counter() - start
+        _log.info("C++ WKV kernel ready after %.1f s", _build_seconds)
+    except Exception as exc:  # any failure means: fall back, say why once
+        warnings.warn(
+            f"rwkvkit: could not build the C++ WKV kernel ({_cause(exc)}); "
+            "falling back to the pure-PyTorch 'torch' backend",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        ext = None
+    _builds[force_fail] = ext
+    return ext
+
+
+def _cause(exc: BaseException) -> str:
+    """One line naming why a build failed: the compiler's first error if any."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building")]
+    line = errors[0] if errors else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line[:300]}"
+
+
+def build_seconds() -> float | None:
+    """Seconds the first successful build (or cache load) took in this process."""
+    return _build_seconds
+
+
+class _WKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, u, k, v, aa, bb, pp):
+        ext = _builds[False]
+        y, aa_o, bb_o, pp_o = ext.forward(w, u, k, v, aa, bb, pp)
+        ctx.save_for_backward(w, u, k, v, aa, bb, pp)
+        return y, aa_o, bb_o, pp_o
+
+    @staticmethod
+    def backward(ctx, gy, gaa, gbb, gpp):
+        w, u, k, v, aa, bb, pp = ctx.saved_tensors
+        ext = _builds[False]
+        gw, gu, gk, gv, ga, gb, gp = ext.backward(
+            w, u, k, v, aa, bb, pp,
+            gy.contiguous(), gaa.contiguous(), gbb.contiguous(), gpp.contiguous(),
+        )
+        # u and w are shared by the batch rows: the kernel leaves [B, C] partials.
+        return gw.sum(0), gu.sum(0), gk, gv, ga, gb, gp
+
+
+def wkv_cpu(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: WKVState | None = None,
+) -> tuple[torch.Tensor, WKVState]:
+    """The WKV operator (contract of :func:`rwkvkit.ops.reference.wkv_reference`) in C++."""
+    B, T, C = check_inputs(w, u, k, v, state)
+    dt = compute_dtype(k)
+    if k.device.type != "cpu":
+        raise ValueError(f"wkv_cpu: tensors must be on the CPU, got {k.device}")
+    w, u, k, v = (x.to(dt).contiguous() for x in (w, u, k, v))
+    if state is None:
+        state = initial_state(B, C, dt, k.device)
+    aa, bb, pp = (s.to(dt).contiguous() for s in state)
+    if T == 0:
+        return k.new_zeros((B, 0, C)), (aa, bb, pp)
+    y, aa, bb, pp = _WKVFunction.apply(w, u, k, v, aa, bb, pp)
+    return y, (aa, bb, pp)
+
+
+def get_implementation(force_fail: bool = False):
+    """:func:`wkv_cpu` once the extension is built, or None (after one warning)."""
+    if _build(force_fail) is None:
+        return None
+    return wkv_cpu
