@@ -19,6 +19,7 @@ from .errors import RwkvkitError
 # One module per group of verbs, in the order they appear in --help.
 COMMAND_MODULES = [
     "rwkvkit.commands.checkpoint",  # info, convert
+    "rwkvkit.commands.train",  # prepare, train
 ]
 
 

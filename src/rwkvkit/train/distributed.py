@@ -1,0 +1,90 @@
+"""Data-parallel training on ``torch.distributed``.
+
+``torchrun --nproc_per_node N -m rwkvkit train ...`` starts N copies of the
+trainer; torchrun tells each one its rank through its launch protocol
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, read here only to detect that we
+were launched that way).  Across nodes the same command works with torchrun's
+own rendezvous flags.  CPU runs use the gloo backend, CUDA runs nccl.
+
+Every process draws the same global batch (see :func:`rwkvkit.train.data.window_offsets`)
+and keeps its own rows; DDP averages the gradients, so N processes with
+per-process batch b compute the same update as one process with batch N*b.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def setup(device: str) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op otherwise."""
+    if not launched_by_torchrun():
+        return DistInfo()
+    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        return DistInfo(rank, world, local)
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local, backend)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_across(x: float, info: DistInfo, device: torch.device) -> float:
+    """The mean of a scalar over all processes (for logging)."""
+    if not info.enabled:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t.item()) / info.world_size
+
+
+def any_across(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every process if it is true on one (a stop request)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DDP (replicated weights, gradients all-reduced) around ``model``."""
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dev = next(model.parameters()).device
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)

@@ -1,0 +1,561 @@
+"""The training loop: read it top to bottom.
+
+    setup       processes, device, model (paper init, or a checkpoint; LoRA or
+                state tuning), optimiser groups, data, resume
+    each step   learning rate -> micro-steps (windows, state carried across
+                chunks, L2Wrap, backward) -> clip -> Adam -> log
+    sometimes   validation loss, checkpoint (atomic)
+    at the end  final checkpoint, OUT/model, OUT/loss.png
+
+A checkpoint is ``OUT/checkpoints/step-NNNNNNNN/`` holding ``model/`` (an
+rwkvkit folder that ``rwkvkit.load`` reads; ``adapter/`` for LoRA,
+``state.safetensors`` for state tuning) and ``trainer.pt`` (optimiser, step,
+RNG states, the trainable tensors of LoRA/state runs).  ``OUT/latest.json``
+names the newest one and is replaced only after the folder is complete, so an
+interrupted write leaves the previous checkpoint in charge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import RwkvkitError
+from ..io_utils import atomic_dir, atomic_path
+from ..state import State
+from . import data as D
+from . import distributed as dist_utils
+from .config import TrainConfig
+from .optim import build_optimizer, l2wrap, lr_at, param_groups, set_lr
+
+# Initial log-scale pp of a learned state (state tuning): a virtual past of
+# weight e^-5 and value aa = 0, small next to a real token's e^k.
+STATE_TUNE_PP_INIT = -5.0
+
+
+# ===================================================================== models
+class StateTuner(nn.Module):
+    """A frozen model plus a trainable initial RNN state (RWKV "state tuning").
+
+    The WKV part is parameterised as (aa, bb = 1, pp): with bb fixed the
+    numerator/denominator pair is always valid (bb > 0) and pp alone sets how
+    much weight the learned past carries.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        cfg = model.config
+        L, C, A = cfg.n_layer, cfg.n_embd, cfg.dim_att
+        dev = model.device
+        self.att_x = nn.Parameter(torch.zeros(L, 1, C, device=dev))
+        self.att_aa = nn.Parameter(torch.zeros(L, 1, A, device=dev))
+        self.att_pp = nn.Parameter(torch.full((L, 1, A), STATE_TUNE_PP_INIT, device=dev))
+        self.ffn_x = nn.Parameter(torch.zeros(L, 1, C, device=dev))
+
+    def initial_state(self, batch: int = 1) -> State:
+        L = self.att_x.shape[0]
+        return State(
+            att_x=self.att_x.expand(L, batch, -1),
+            att_aa=self.att_aa.expand(L, batch, -1),
+            att_bb=torch.ones_like(self.att_aa).expand(L, batch, -1),
+            att_pp=self.att_pp.expand(L, batch, -1),
+            ffn_x=self.ffn_x.expand(L, batch, -1),
+        )
+
+    def forward(self, tokens, state=None, **kw):
+        if state is None:
+            state = self.initial_state(tokens.shape[0])
+        return self.model(tokens, state, **kw)
+
+
+def _base_model(module: nn.Module) -> nn.Module:
+    """The RWKV inside DDP / peft / StateTuner wrappers."""
+    m = module
+    while True:
+        if hasattr(m, "module") and isinstance(m.module, nn.Module):
+            m = m.module
+        elif isinstance(m, StateTuner):
+            m = m.model
+        elif hasattr(m, "get_base_model"):
+            m = m.get_base_model()
+        else:
+            return m
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each TimeMix and ChannelMix in the backward pass.
+
+    Their internals (k, v, r, the 4C-wide hidden layer) are most of the
+    activation memory; only their inputs are kept.  Done by wrapping the
+    sub-modules' forward, so the model code stays untouched.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        for sub in (block.att, block.ffn):
+            inner = sub.forward
+
+            def wrapped(*args, _inner=inner):
+                if torch.is_grad_enabled():
+                    return checkpoint(_inner, *args, use_reentrant=False)
+                return _inner(*args)
+
+            sub.forward = wrapped
+
+
+def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
+    import rwkvkit
+    from ..config import ModelConfig
+    from ..init import init_weights
+    from ..model import RWKV
+
+    if cfg.init_from:
+        model = rwkvkit.load(cfg.init_from, dtype=torch.float32)
+        # Training runs the exact model: ln0 at run time, no fp16 rescaling.
+        model.fold_ln0(None)
+        model.config.rescale_every = 0
+        if model.config.vocab_size < vocab_size:
+            raise RwkvkitError(
+                f"the data uses token ids up to {vocab_size - 1} but '{cfg.init_from}' has a vocabulary of {model.config.vocab_size}"
+            )
+    else:
+        mc = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn)
+        model = RWKV(mc)
+        init_weights(model, seed=cfg.seed, emb_init=cfg.emb_init)
+    model.to(device)
+    model.wkv_backend = cfg.wkv_backend
+    if cfg.grad_checkpoint:
+        enable_gradient_checkpointing(model)
+    if cfg.tune == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise RwkvkitError("--tune lora needs the peft library: pip install 'rwkvkit[train]' (or pip install peft)") from None
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
+        try:
+            model = get_peft_model(model, lc)
+        except ValueError as exc:
+            raise RwkvkitError(f"--lora-targets {cfg.lora_targets!r}: {str(exc).splitlines()[0]}") from None
+    elif cfg.tune == "state":
+        model = StateTuner(model)
+    return model
+
+
+# ======================================================================= state
+def _rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out: Path, step: int, module: nn.Module, optimizer, cfg: TrainConfig, extra: dict) -> Path:
+    """Write ``OUT/checkpoints/step-N`` atomically, then point latest.json at it."""
+    import rwkvkit
+
+    base = _base_model(module)
+    folder = out / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(folder) as tmp:
+        if cfg.tune == "full":
+            rwkvkit.save(base, tmp / "model")
+        elif cfg.tune == "lora":
+            _unwrap_parallel(module).save_pretrained(str(tmp / "adapter"))
+        else:
+            _state_tuner(module).initial_state(1).detach().save(tmp / "state.safetensors")
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(),
+                "config": cfg.to_dict(),
+                # Weights of a full run live in model/; LoRA and state runs keep
+                # their (small) trainable tensors here.
+                "trainable": None if cfg.tune == "full" else _trainable(_unwrap_parallel(module)),
+                **extra,
+            },
+            tmp / "trainer.pt",
+        )
+    with atomic_path(out / "latest.json") as tmp:
+        tmp.write_text(json.dumps({"step": step, "path": str(folder.relative_to(out))}) + "\n")
+    kept = sorted((out / "checkpoints").glob("step-*"))
+    for old in kept[: max(0, len(kept) - max(1, cfg.keep_checkpoints))]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def _unwrap_parallel(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, (nn.parallel.DistributedDataParallel,)) else module
+
+
+def _state_tuner(module: nn.Module) -> StateTuner:
+    m = _unwrap_parallel(module)
+    assert isinstance(m, StateTuner)
+    return m
+
+
+def load_checkpoint(out: Path, module: nn.Module, optimizer, cfg: TrainConfig) -> dict:
+    """Restore weights, optimiser and RNG from ``OUT/latest.json``; returns trainer.pt."""
+    import rwkvkit
+
+    latest = out / "latest.json"
+    if not latest.is_file():
+        raise RwkvkitError(f"--resume: '{out}' has no latest.json (no checkpoint was written there)")
+    info = json.loads(latest.read_text())
+    folder = out / info["path"]
+    if not (folder / "trainer.pt").is_file():
+        raise RwkvkitError(f"--resume: checkpoint '{folder}' is incomplete (no trainer.pt)")
+    st = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
+    if st["config"].get("tune") != cfg.tune:
+        raise RwkvkitError(f"--resume: the checkpoint was trained with --tune {st['config'].get('tune')}, this run asks for {cfg.tune}")
+    inner = _unwrap_parallel(module)
+    with torch.no_grad():
+        if cfg.tune == "full":
+            saved = rwkvkit.load(folder / "model", dtype=torch.float32)
+            _base_model(inner).load_state_dict(saved.state_dict())
+        else:
+            params = dict(inner.named_parameters())
+            for name, t in st["trainable"].items():
+                params[name].copy_(t)
+    optimizer.load_state_dict(st["optimizer"])
+    _set_rng_state(st["rng"])
+    return st
+
+
+# ================================================================== the step
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sequence_loss(module, batch, cfg: TrainConfig, device, *, train: bool, sync: bool = True, scale: float = 1.0):
+    """Mean cross-entropy of ``batch`` [B, ctx_len * chunks + 1], running the
+    chunks in order with the state carried; in training it also back-propagates
+    (per chunk when the state is detached, once at the end otherwise)."""
+    x_all, y_all = batch[:, :-1].to(device), batch[:, 1:].to(device)
+    chunks = cfg.bptt_chunks
+    T = cfg.ctx_len
+    state = None
+    losses = []
+    pending = []
+    ddp = isinstance(module, nn.parallel.DistributedDataParallel)
+    for c in range(chunks):
+        x, y = x_all[:, c * T : (c + 1) * T], y_all[:, c * T : (c + 1) * T]
+        last = c == chunks - 1
+        # DDP all-reduces during the last backward of the step only; the
+        # earlier ones accumulate locally.
+        no_sync = ddp and train and not (sync and last)
+        ctx = module.no_sync() if no_sync else contextlib.nullcontext()
+        with ctx:
+            with _autocast(device, cfg.precision):
+                logits, state = module(x, state)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            losses.append(loss.detach())
+            if train:
+                obj = l2wrap(loss, logits, cfg.l2wrap) * (scale / chunks)
+                if cfg.bptt_detach:
+                    obj.backward()
+                    state = state.detach()
+                else:
+                    pending.append(obj)
+        if not train:
+            state = state.detach()
+    if train and pending:
+        torch.stack(pending).sum().backward()
+    return torch.stack(losses)
+
+
+@torch.no_grad()
+def evaluate(module, val: D.TokenData, cfg: TrainConfig, device, info: dist_utils.DistInfo) -> dict[str, float]:
+    """Mean validation loss (nats/token), overall and per chunk of the window."""
+    window = cfg.ctx_len * cfg.bptt_chunks + 1
+    offs = D.val_windows(len(val), window, cfg.val_windows)
+    if len(offs) == 0:
+        return {}
+    mine = offs[info.rank :: info.world_size]
+    was_training = module.training
+    module.eval()
+    total = torch.zeros(cfg.bptt_chunks, dtype=torch.float64)
+    count = 0
+    for i in range(0, len(mine), cfg.batch_size):
+        batch = D.get_batch(val, mine[i : i + cfg.batch_size], window)
+        per_chunk = _sequence_loss(module, batch, cfg, device, train=False)
+        total += per_chunk.double().cpu() * len(batch)
+        count += len(batch)
+    module.train(was_training)
+    per = [dist_utils.mean_across(float(t) / max(count, 1), info, device) if count else float("nan") for t in total]
+    out = {"val_loss": float(np.mean(per))}
+    if cfg.bptt_chunks > 1:
+        out["val_loss_chunks"] = per
+    return out
+
+
+# ===================================================================== train
+class _StopFlag:
+    """Set by SIGINT / SIGTERM; the loop checks it between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now (checkpoints stay intact)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _pick_device(cfg: TrainConfig, info: dist_utils.DistInfo) -> torch.device:
+    name = cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and info.enabled:
+        name = f"cuda:{info.local_rank}"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise RwkvkitError(f"--device {cfg.device!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RwkvkitError("--device cuda: no CUDA GPU is available")
+    return dev
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training job; returns a summary of the run.
+
+    Works in one process, or in each process that torchrun starts.
+    """
+    cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    info = dist_utils.setup(device_name)
+    try:
+        return _train(cfg, info)
+    finally:
+        dist_utils.cleanup(info)
+
+
+def _train(cfg: TrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
+    device = _pick_device(cfg, info)
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if cfg.batch_size % info.world_size:
+        raise RwkvkitError(f"--batch-size {cfg.batch_size} does not divide over {info.world_size} processes")
+    local_bs = cfg.batch_size // info.world_size
+    out = Path(cfg.out)
+    main = info.is_main
+
+    # ---- data
+    train_data = D.load_tokens(cfg.data, "train", cfg.vocab_size or None)
+    try:
+        val_data = D.load_tokens(cfg.data, "val", cfg.vocab_size or None)
+    except RwkvkitError:
+        val_data = None  # binidx: no held-out split
+    if val_data is not None and len(val_data) == 0:
+        val_data = None
+    window = cfg.ctx_len * cfg.bptt_chunks + 1
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * (window - 1)
+
+    # ---- model and optimiser
+    torch.manual_seed(cfg.seed)
+    model = _build_model(cfg, train_data.vocab_size, device)
+    model.train()
+    groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.layerwise_lr)
+    if not groups:
+        raise RwkvkitError("nothing to train: every parameter is frozen")
+    params = [p for g in groups for p in g["params"]]
+    optimizer = build_optimizer(groups, cfg.lr_init, (cfg.beta1, cfg.beta2), cfg.adam_eps)
+    n_trainable = sum(p.numel() for p in params)
+
+    # ---- resume
+    start_step, elapsed0, tokens0 = 0, 0.0, 0
+    if cfg.resume:
+        st = load_checkpoint(out, model, optimizer, cfg)
+        start_step, elapsed0, tokens0 = st["step"], st.get("elapsed", 0.0), st.get("tokens", 0)
+    module = dist_utils.wrap(model, info)
+
+    metrics_path = out / "metrics.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_path, start_step)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    metrics = open(metrics_path, "a") if main else None
+
+    def log(row: dict) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not (main and cfg.progress), dynamic_ncols=True)
+    t_start = time.perf_counter()
+    step = start_step
+    ran = 0
+    last_val: dict[str, float] = {}
+    stop_reason = "done"
+    with _StopFlag() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr_init=cfg.lr_init, lr_final=cfg.lr_final, total_steps=cfg.max_steps,
+                       warmup_steps=cfg.warmup_steps, hold_steps=cfg.hold_steps, schedule=cfg.schedule)
+            set_lr(optimizer, lr)
+
+            # ---- forward / backward over the micro-steps of this step
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for micro in range(cfg.grad_accum):
+                offs = D.window_offsets(len(train_data), window, cfg.batch_size, cfg.seed, step, micro)
+                mine = offs[info.rank * local_bs : (info.rank + 1) * local_bs]
+                batch = D.get_batch(train_data, mine, window)
+                losses = _sequence_loss(module, batch, cfg, device, train=True,
+                                        sync=micro == cfg.grad_accum - 1, scale=1.0 / cfg.grad_accum)
+                step_loss += losses.double().mean().cpu() / cfg.grad_accum
+
+            # ---- clip, update
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            ran += 1
+
+            # ---- log
+            loss = dist_utils.mean_across(float(step_loss), info, device)
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens": tokens0 + ran * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
+                   "elapsed_s": elapsed0 + time.perf_counter() - t_start}
+            if not math.isfinite(loss):
+                log(row)
+                raise RwkvkitError(f"the loss became {loss} at step {step}; lower --lr-init or use --precision fp32")
+            if val_data is not None and (step == cfg.max_steps or (cfg.val_every > 0 and step % cfg.val_every == 0)):
+                last_val = evaluate(module, val_data, cfg, device, info)
+                row.update(last_val)
+            log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", **({"val": f"{last_val['val_loss']:.4f}"} if last_val else {}))
+
+            # ---- stop requests, checkpoints
+            want_stop = stop.requested
+            if cfg.stop_after and ran >= cfg.stop_after:
+                want_stop = True
+            if cfg.time_limit and time.perf_counter() - t_start >= cfg.time_limit * 60:
+                want_stop = True
+            want_stop = dist_utils.any_across(want_stop, info, device)
+            if want_stop and step < cfg.max_steps:
+                stop_reason = "interrupted" if stop.requested else "stopped"
+            periodic = cfg.save_every > 0 and step % cfg.save_every == 0
+            if periodic or want_stop or step == cfg.max_steps:
+                if main:
+                    save_checkpoint(out, step, module, optimizer, cfg,
+                                    {"elapsed": row["elapsed_s"], "tokens": row["tokens"]})
+                if info.enabled:
+                    torch.distributed.barrier()
+            if want_stop:
+                break
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+
+    summary = {"rank": info.rank, "steps": step, "stop": stop_reason, "trainable_params": n_trainable, "out": str(out), **last_val}
+    if main and step == cfg.max_steps:
+        _export(out, module, cfg)
+        if cfg.plot:
+            plot_metrics(metrics_path, out / "loss.png")
+    return summary
+
+
+def _truncate_metrics(path: Path, start_step: int) -> None:
+    """Drop rows a resumed run will write again (steps after its checkpoint)."""
+    if not path.exists():
+        return
+    if start_step == 0:
+        path.unlink()
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(r + "\n" for r in rows))
+
+
+def _export(out: Path, module: nn.Module, cfg: TrainConfig) -> None:
+    """The usable result: OUT/model (rwkvkit folder), OUT/adapter, OUT/state.safetensors."""
+    import rwkvkit
+
+    inner = _unwrap_parallel(module)
+    if cfg.tune == "full":
+        rwkvkit.save(_base_model(inner), out / "model")
+    elif cfg.tune == "lora":
+        inner.save_pretrained(str(out / "adapter"))
+        if cfg.merge_lora:
+            merged = inner.merge_and_unload()
+            rwkvkit.save(merged, out / "model")
+    else:
+        inner.initial_state(1).detach().save(out / "state.safetensors")
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
+    """Draw training and validation loss against step; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("rwkvkit train: matplotlib is not installed, skipping the loss plot (pip install 'rwkvkit[train]')")
+        return None
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
