@@ -289,3 +289,30 @@ def test_cuda_graph_decoder_matches_model():
         torch.testing.assert_close(out, ref[:, -1], rtol=1e-5, atol=1e-5)
         tok = ref[:, -1].argmax(-1, keepdim=True)
     assert s_graph.allclose(s_model, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_load_to_gpu_bf16(tmp_path):
+    """rwkvkit.load(path, device="cuda", dtype=bfloat16) runs and agrees with the CPU model."""
+    import rwkvkit
+    from rwkvkit.init import random_state_dict
+
+    sd = random_state_dict(_tiny_cfg(), seed=10)
+    path = tmp_path / "m.pth"
+    torch.save(sd, path)
+    gpu = rwkvkit.load(path, device="cuda", dtype=torch.bfloat16)
+    assert gpu.device.type == "cuda" and gpu.dtype == torch.bfloat16
+    cpu = _cpu_model(10)
+    tokens = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(5))
+    ref, _ = cpu(tokens)
+    out, _ = gpu(tokens.cuda())
+    assert (out.cpu() - ref).abs().max().item() < 0.05 * max(1.0, ref.abs().max().item())
+
+
+def test_graph_decoder_refuses_cpu_model():
+    from rwkvkit.cuda_graph import CudaGraphDecoder
+    from rwkvkit.errors import RwkvkitError
+
+    model = make_model(_tiny_cfg(), seed=0)[0]
+    with pytest.raises(RwkvkitError, match="CUDA device"):
+        CudaGraphDecoder(model)
