@@ -13,7 +13,8 @@ Sections, each independent (a failing one prints its error and the rest run):
 3. training tokens/s of the 169M shape (12 layers, 768 wide, vocab 50277,
    random weights), fwd+bwd+AdamW under bf16 autocast, per WKV backend;
 4. RNN decode tokens/s of the same shape in bf16: the eager step and the
-   CUDA-graph step (rwkvkit.cuda_graph), batch 1 and 32;
+   CUDA-graph step (rwkvkit.cuda_graph), each with the fused WKV step kernel
+   and with the element-wise PyTorch step, batch 1 and 32;
 5. ``rwkvkit.load(path, device="cuda", dtype=torch.bfloat16)`` of a saved
    checkpoint, logits against the fp32 CPU model.
 
@@ -186,10 +187,19 @@ def train_bench(B=8, T=1024, steps=6):
 
 @section("RNN decode tokens/s, 169M shape, bf16")
 def decode_bench(n_tokens=200):
+    """Greedy decoding, one token per step, after a 16-token prompt.
+
+    Variants: eager model call per token, and the CUDA-graph step; each with the
+    WKV step as one fused kernel (the default on a GPU) and as element-wise
+    PyTorch ops (ops.wkv_step_torch), to show what each fusion buys.
+    """
+    import rwkvkit.ops as ops
     from rwkvkit.cuda_graph import CudaGraphDecoder
 
+    fused_step = ops.wkv_step
     model, cfg = _model_169m(torch.bfloat16)
     model.eval()
+    say(f"{n_tokens} greedy steps after a 16-token prompt; median of 3 runs")
     for B in (1, 32):
         prompt = torch.randint(0, cfg.vocab_size, (B, 16), device="cuda")
         with torch.no_grad():
@@ -204,23 +214,44 @@ def decode_bench(n_tokens=200):
                     tok = lg[:, -1].argmax(-1, keepdim=True)
             return tok
 
-        dec = CudaGraphDecoder(model, batch_size=B)
+        def make_graphed():
+            dec = CudaGraphDecoder(model, batch_size=B)
 
-        def graphed():
-            tok, st = tok0, state0
-            for _ in range(n_tokens):
-                lg, st = dec(tok, st)
-                tok = lg.argmax(-1, keepdim=True)
-            return tok
+            def graphed():
+                tok, st = tok0, state0
+                for _ in range(n_tokens):
+                    lg, st = dec(tok, st)
+                    tok = lg.argmax(-1, keepdim=True)
+                return tok
 
-        te = cuda_time(eager, warmup=1, reps=3)
-        tg = cuda_time(graphed, warmup=1, reps=3)
-        same = bool((eager() == graphed()).all())
-        say(
-            f"batch {B:3d}: eager {n_tokens * B / te:9.0f} tok/s ({te / n_tokens * 1e3:.2f} ms/step)   "
-            f"cuda graph {n_tokens * B / tg:9.0f} tok/s ({tg / n_tokens * 1e3:.2f} ms/step)   "
-            f"speed-up {te / tg:.1f}x   same greedy tokens after {n_tokens}: {same}"
-        )
+            return graphed
+
+        times, finals = {}, {}
+        for step_name, step in (("fused wkv step", fused_step), ("torch wkv step", ops.wkv_step_torch)):
+            ops.wkv_step = step
+            try:
+                for mode in ("eager", "cuda graph"):
+                    try:
+                        fn = eager if mode == "eager" else make_graphed()
+                        t = cuda_time(fn, warmup=1, reps=3)
+                        times[(mode, step_name)] = t
+                        finals[(mode, step_name)] = fn()
+                        say(
+                            f"batch {B:3d} {mode:10s} {step_name}: {n_tokens * B / t:9.0f} tok/s "
+                            f"({t / n_tokens * 1e3:.3f} ms/step)"
+                        )
+                    except Exception as e:
+                        say(f"batch {B:3d} {mode} {step_name}: FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            finally:
+                ops.wkv_step = fused_step
+        base = times.get(("eager", "torch wkv step"))
+        best = times.get(("cuda graph", "fused wkv step"))
+        if base and best:
+            say(f"batch {B:3d}: cuda graph + fused step vs eager + torch step: {base / best:.1f}x")
+        if len(finals) > 1:
+            ref = next(iter(finals.values()))
+            same = all(bool((f == ref).all()) for f in finals.values())
+            say(f"batch {B:3d}: all variants end on the same greedy token: {same}")
 
 
 @section("rwkvkit.load(path, device='cuda', dtype=bf16) vs CPU fp32 logits")

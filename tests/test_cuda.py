@@ -204,6 +204,25 @@ def test_cuda_gradcheck_small():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_matches_reference(dtype):
+    """The one-launch RNN step (what ops.wkv_step runs on a GPU) == one reference step."""
+    _impl()
+    B, C = 3, 200
+    w, u, k, v, st = _inputs(B, 1, C, dtype, seed=12)
+    y, new = ops.wkv_step(w, u, k[:, 0], v[:, 0], st)
+    cpu = lambda x: x.double().cpu()  # noqa: E731
+    ref_y, ref_new = wkv_reference(cpu(w), cpu(u), cpu(k), cpu(v), tuple(cpu(s) for s in st))
+    _close("step y", y, ref_y[:, 0], rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(["aa", "bb", "pp"], new, ref_new):
+        _close(f"step {name}", a, b, rtol=1e-5, atol=1e-6)
+    # With a gradient wanted, the differentiable element-wise form runs instead.
+    kg = k[:, 0].float().requires_grad_(True)
+    y2, _ = ops.wkv_step(w, u, kg, v[:, 0].float(), st)
+    assert y2.grad_fn is not None
+
+
+@pytest.mark.cuda
 def test_dispatcher_picks_cuda_for_gpu_tensors():
     _impl()
     assert ops.resolve_backend("auto", torch.device("cuda")) == "cuda"
@@ -270,7 +289,7 @@ def test_training_step_bf16_autocast_matches_fp32_direction():
             assert b.norm() < 1e-3, name
             continue
         cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-        assert cos > 0.98, (name, cos)
+        assert cos > 0.95, (name, cos)
 
 
 @pytest.mark.cuda

@@ -86,8 +86,21 @@ def wkv_step(
     """One token of the stable recurrence (spec 2.4) on [B, C] tensors.
 
     The RNN step of the model uses this directly: for T = 1 a few element-wise
-    ops are cheaper than any kernel launch.  Same arithmetic as the reference.
+    ops are cheaper than any scan.  On a GPU with the CUDA kernel built, an
+    inference step (no gradient wanted) runs them as one fused launch.
     """
+    if k.is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v, *state))):
+        if _load("cuda") is not None:
+            from .cuda import wkv_step_cuda
+
+            return wkv_step_cuda(w, u, k, v, state)
+    return wkv_step_torch(w, u, k, v, state)
+
+
+def wkv_step_torch(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: WKVState
+) -> tuple[torch.Tensor, WKVState]:
+    """:func:`wkv_step` as element-wise PyTorch ops (any device, differentiable)."""
     aa, bb, pp = state
     ww = u + k
     q = torch.maximum(pp, ww)
@@ -101,4 +114,4 @@ def wkv_step(
     return y, (e1 * aa + e2 * v, e1 * bb + e2, q)
 
 
-__all__ = ["wkv", "wkv_step", "wkv_reference", "wkv_closed_form", "resolve_backend", "initial_state", "BACKENDS"]
+__all__ = ["wkv", "wkv_step", "wkv_step_torch", "wkv_reference", "wkv_closed_form", "resolve_backend", "initial_state", "BACKENDS"]

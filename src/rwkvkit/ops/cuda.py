@@ -110,6 +110,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.rwkvkit_wkv_forward.argtypes = [I, I, I, I] + [P] * 13
     lib.rwkvkit_wkv_backward.restype = I
     lib.rwkvkit_wkv_backward.argtypes = [I, I, I, I] + [P] * 17
+    lib.rwkvkit_wkv_step.restype = I
+    lib.rwkvkit_wkv_step.argtypes = [I, I, I] + [P] * 12
     lib.rwkvkit_cuda_error_string.restype = ctypes.c_char_p
     lib.rwkvkit_cuda_error_string.argtypes = [I]
 
@@ -252,3 +254,30 @@ def wkv_cuda(
     with torch.cuda.device(dev):
         y, aa, bb, pp = _WKVFunction.apply(w, u, k, v, aa, bb, pp)
     return y, (aa, bb, pp)
+
+
+def wkv_step_cuda(
+    w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: WKVState
+) -> tuple[torch.Tensor, WKVState]:
+    """One token of the recurrence (same contract as :func:`rwkvkit.ops.wkv_step`) in one launch.
+
+    k, v [B, C] float32 or bfloat16 on a GPU, w, u [C] and the state float32.
+    Not differentiable: the caller uses it for inference only.
+    """
+    lib = load_library()
+    B, C = k.shape
+    dev = k.device
+    bf16 = k.dtype == torch.bfloat16 and v.dtype == torch.bfloat16
+    dt = torch.bfloat16 if bf16 else torch.float32
+    w, u = (x.to(device=dev, dtype=torch.float32).contiguous() for x in (w, u))
+    k, v = (x.to(dt).contiguous() for x in (k, v))
+    aa, bb, pp = (s.to(device=dev, dtype=torch.float32).contiguous() for s in state)
+    y = torch.empty(B, C, device=dev, dtype=torch.float32)
+    out = [torch.empty(B, C, device=dev, dtype=torch.float32) for _ in range(3)]
+    with torch.cuda.device(dev):
+        code = lib.rwkvkit_wkv_step(
+            int(bf16), B, C, _ptr(w), _ptr(u), _ptr(k), _ptr(v), _ptr(aa), _ptr(bb), _ptr(pp),
+            _ptr(y), _ptr(out[0]), _ptr(out[1]), _ptr(out[2]), torch.cuda.current_stream(dev).cuda_stream,
+        )  # fmt: skip
+    _check(lib, code, "step")
+    return y, (out[0], out[1], out[2])

@@ -212,6 +212,35 @@ __global__ void wkv_backward_kernel(
     gs_pp[sc] = gp;
 }
 
+// One token of the recurrence for a whole batch (the RNN decode step): the
+// ~15 element-wise operations of the PyTorch formulation in one launch.
+template <typename F>
+__global__ void wkv_step_kernel(
+    int B, int C,
+    const float* __restrict__ w, const float* __restrict__ u,
+    const F* __restrict__ k, const F* __restrict__ v,  // [B, C]
+    const float* __restrict__ s_aa, const float* __restrict__ s_bb, const float* __restrict__ s_pp,
+    float* __restrict__ y, float* __restrict__ o_aa, float* __restrict__ o_bb, float* __restrict__ o_pp)
+{
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int b = blockIdx.y;
+    if (c >= C) return;
+    const size_t i = (size_t)b * C + c;
+    const float kk = load_f(k + i), vv = load_f(v + i);
+    const float aa = s_aa[i], bb = s_bb[i], pp = s_pp[i];
+    float ww = u[c] + kk;
+    float q = fmaxf(pp, ww);
+    float e1 = expf(pp - q), e2 = expf(ww - q);
+    y[i] = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+    ww = pp + w[c];
+    q = fmaxf(ww, kk);
+    e1 = expf(ww - q);
+    e2 = expf(kk - q);
+    o_aa[i] = e1 * aa + e2 * vv;
+    o_bb[i] = e1 * bb + e2;
+    o_pp[i] = q;
+}
+
 inline dim3 grid_for(int B, int C) { return dim3((C + WKV_THREADS - 1) / WKV_THREADS, B); }
 
 }  // namespace
@@ -268,6 +297,29 @@ int rwkvkit_wkv_backward(
             (const float*)ck, (const float*)gy, (const float*)g_aa, (const float*)g_bb, (const float*)g_pp,
             (float*)gk, (float*)gv, (float*)gw_part, (float*)gu_part,
             (float*)gs_aa, (float*)gs_bb, (float*)gs_pp);
+    }
+    return (int)cudaGetLastError();
+}
+
+int rwkvkit_wkv_step(
+    int bf16, int B, int C,
+    const void* w, const void* u, const void* k, const void* v,
+    const void* s_aa, const void* s_bb, const void* s_pp,
+    void* y, void* o_aa, void* o_bb, void* o_pp, void* stream)
+{
+    if (B <= 0 || C <= 0) return (int)cudaErrorInvalidValue;
+    cudaStream_t st = (cudaStream_t)stream;
+    const dim3 grid((C + 127) / 128, B);
+    if (bf16) {
+        wkv_step_kernel<__nv_bfloat16><<<grid, 128, 0, st>>>(
+            B, C, (const float*)w, (const float*)u, (const __nv_bfloat16*)k, (const __nv_bfloat16*)v,
+            (const float*)s_aa, (const float*)s_bb, (const float*)s_pp,
+            (float*)y, (float*)o_aa, (float*)o_bb, (float*)o_pp);
+    } else {
+        wkv_step_kernel<float><<<grid, 128, 0, st>>>(
+            B, C, (const float*)w, (const float*)u, (const float*)k, (const float*)v,
+            (const float*)s_aa, (const float*)s_bb, (const float*)s_pp,
+            (float*)y, (float*)o_aa, (float*)o_bb, (float*)o_pp);
     }
     return (int)cudaGetLastError();
 }
