@@ -18,7 +18,7 @@ log "== machine =="
 
 log "== pytest -m cuda tests/test_cuda.py =="
 t0=$SECONDS
-timeout 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$DIR/pytest_log.txt" | tail -30 | tee -a "$RES"
+timeout 150 "$PY" -m pytest -q --tb=short -m cuda -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$DIR/pytest_log.txt" | tail -30 | tee -a "$RES"
 log "(pytest exit ${PIPESTATUS[0]}, $((SECONDS - t0)) s)"
 
 log "== benchmark =="
