@@ -121,7 +121,13 @@ class Checkpoint:
 
     @property
     def default_dtype(self) -> torch.dtype:
-        """The float dtype holding most elements as loaded (quantised -> float32)."""
+        """The float dtype holding most elements; float32 for rwkv.cpp files.
+
+        rwkv.cpp keeps 1-D tensors in FP32 even in its FP16 files and computes
+        in fp32, so its files load as float32 whatever their storage type.
+        """
+        if self.format == "rwkvcpp":
+            return torch.float32
         counts: dict[torch.dtype, int] = {}
         for t in self.tensors.values():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
@@ -258,6 +264,7 @@ def _torch_load(path: Path) -> dict:
             raise CheckpointError(
                 f"'{path}' holds Python objects other than tensors, which rwkvkit does not unpickle ({msg[:200]})"
             ) from None
+        msg = msg.split(". ")[0]  # torch appends paragraphs of advice
         raise CheckpointError(f"cannot read '{path}' as a PyTorch checkpoint, it is truncated or corrupt: {msg[:200]}") from None
     return obj
 

@@ -1,0 +1,77 @@
+"""``rwkvkit info`` and ``rwkvkit convert``: look at and re-write checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="describe a checkpoint: format, generation, sizes, dtypes, state size",
+        description="Describe a checkpoint of any supported format without building the model.",
+    )
+    p.add_argument("path", help="a .pth, .safetensors, rwkv.cpp .bin, or a Hugging Face / rwkvkit folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run_info)
+
+    p = sub.add_parser(
+        "convert",
+        help="re-write a checkpoint as rwkvkit, Hugging Face, official .pth or rwkv.cpp",
+        description="Read SRC (any supported format) and write DST atomically in the format given by --to.",
+    )
+    p.add_argument("src", help="input checkpoint (any supported format)")
+    p.add_argument("dst", help="output: a folder for rwkvkit/hf, a file for pth/rwkvcpp")
+    p.add_argument("--to", required=True, choices=["rwkvkit", "hf", "pth", "rwkvcpp"], help="output format")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast the weights (default: unchanged)")
+    p.set_defaults(func=run_convert)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)  # pragma: no cover
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from ..checkpoint import inspect
+
+    info = inspect(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    fmt = info["format"]
+    if fmt == "rwkvcpp":
+        fmt = f"rwkv.cpp (file version {info['format_version']})"
+    rows = [("path", info["path"]), ("format", fmt), ("generation", info["generation"])]
+    if info.get("supported") is False:
+        rows.append(("supported", f"no: rwkvkit runs RWKV-4 only (found '{info['generation_evidence']}')"))
+    for key in ("layers", "n_embd", "dim_att", "dim_ffn", "vocab"):
+        if key in info:
+            rows.append((key, str(info[key])))
+    if "quantization" in info:
+        rows.append(("quantization", info["quantization"]))
+    rows.append(("dtypes", ", ".join(f"{k} ({v:,} values)" for k, v in info["dtypes"].items())))
+    rows.append(("parameters", f"{info['parameters']:,}"))
+    if "state_bytes_per_sequence" in info:
+        rows.append(("state size", f"{info['state_bytes_per_sequence']:,} bytes per sequence"))
+    for key in ("rescale_every", "ln0_fold_dtype"):
+        if key in info:
+            rows.append((key, str(info[key])))
+    rows.append(("file size", f"{info['file_bytes']:,} bytes ({_human(info['file_bytes'])})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from ..checkpoint import convert
+
+    out = convert(args.src, args.dst, args.to, dtype=args.dtype, progress=True)
+    print(f"wrote {out} ({args.to})")
+    return 0

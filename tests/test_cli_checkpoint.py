@@ -1,0 +1,164 @@
+"""``rwkvkit info`` and ``rwkvkit convert``: output, and one clean line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rwkvkit
+from rwkvkit.cli import main
+from rwkvkit.config import ModelConfig
+from rwkvkit.init import random_state_dict
+from conftest import REPO, shared_file
+
+CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=50)
+
+
+def _run(argv, capsys):
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_info_rwkvcpp_json(capsys):
+    path = shared_file("rwkvcpp/tiny-rwkv-4v0-660K-FP16.bin")
+    rc, out, err = _run(["info", str(path), "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(out)
+    # Sizes as documented for this fixture (shared/data README 1.1).
+    assert (info["layers"], info["n_embd"], info["dim_ffn"], info["vocab"]) == (4, 128, 256, 256)
+    assert info["format"] == "rwkvcpp" and info["format_version"] == 100 and info["quantization"] == "FP16"
+    assert info["generation"] == "RWKV-4"
+    # 30 FP16 matrices and 48 FP32 vectors (README 1.2); the count is the file's own.
+    assert info["dtypes"] == {"FP16": 655360, "FP32": 6144}
+    assert info["parameters"] == 655360 + 6144 == ModelConfig(n_layer=4, n_embd=128, vocab_size=256, dim_ffn=256).num_params
+    # rwkv.cpp's state: 5 * n_embd fp32 values per layer (README 1.3).
+    assert info["state_bytes_per_sequence"] == 4 * 5 * 128 * 4
+    assert info["file_bytes"] == os.path.getsize(path)
+
+
+def test_info_table_and_other_generation(capsys):
+    rc, out, _ = _run(["info", str(shared_file("rwkvcpp/tiny-rwkv-4v0-660K-FP32.bin"))], capsys)
+    assert rc == 0
+    lines = dict(line.split(None, 1) if " " in line else (line, "") for line in out.splitlines())
+    assert lines["layers"].strip() == "4" and lines["quantization"].strip() == "FP32"
+    assert "10,240 bytes per sequence" in out and "2,649,149 bytes" in out
+    rc, out, _ = _run(["info", str(shared_file("rwkvcpp/other_versions/tiny-rwkv-6v0-3m-Q5_0.bin"))], capsys)
+    assert rc == 0 and "RWKV-6" in out and "Q5_0" in out and "RWKV-4 only" in out
+
+
+def test_info_rwkvkit_folder(tmp_path, capsys):
+    torch.save(random_state_dict(CFG, dtype=torch.bfloat16), tmp_path / "m.pth")
+    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "kit"), "--to", "rwkvkit"]) == 0
+    capsys.readouterr()
+    rc, out, _ = _run(["info", str(tmp_path / "kit"), "--json"], capsys)
+    info = json.loads(out)
+    assert rc == 0 and info["format"] == "rwkvkit" and info["dtypes"] == {"bfloat16": CFG.num_params}
+    assert info["dim_att"] == 32 and info["rescale_every"] == 0
+
+
+@pytest.mark.parametrize("to", ["rwkvkit", "hf", "pth", "rwkvcpp"])
+def test_convert_every_target(to, tmp_path, capsys):
+    sd = random_state_dict(CFG, seed=3)
+    torch.save(sd, tmp_path / "m.pth")
+    dst = tmp_path / ("out.bin" if to in ("pth", "rwkvcpp") else "out")
+    rc, out, err = _run(["convert", str(tmp_path / "m.pth"), str(dst), "--to", to], capsys)
+    assert rc == 0, err
+    assert "wrote" in out
+    model = rwkvkit.load(dst)
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    ref = rwkvkit.load(tmp_path / "m.pth")
+    with torch.no_grad():
+        a, b = model(tokens)[0], ref(tokens)[0]
+    # rwkv.cpp stores -exp(d) and we take log(-w): float rounding only.
+    assert torch.equal(a, b) if to != "rwkvcpp" else (a - b).abs().max().item() < 1e-5
+
+
+def test_convert_dtype(tmp_path, capsys):
+    torch.save(random_state_dict(CFG), tmp_path / "m.pth")
+    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "h.pth"), "--to", "pth", "--dtype", "bfloat16"]) == 0
+    sd = torch.load(tmp_path / "h.pth", weights_only=True)
+    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+
+
+# ----------------------------------------------------------- bad input
+def _bad_inputs(tmp_path):
+    """name -> (path, words the error must contain)."""
+    cases = {}
+    cases["missing"] = (tmp_path / "nope.pth", ["no such file"])
+    (tmp_path / "empty.bin").write_bytes(b"")
+    cases["empty"] = (tmp_path / "empty.bin", ["empty"])
+    good = shared_file("rwkvcpp/tiny-rwkv-4v0-660K-FP32.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(good[: len(good) // 2])
+    cases["truncated rwkv.cpp"] = (tmp_path / "cut.bin", ["truncated", "tensor '"])
+    (tmp_path / "hdr.bin").write_bytes(good[:10])
+    cases["truncated rwkv.cpp header"] = (tmp_path / "hdr.bin", ["truncated", "header"])
+    sd = random_state_dict(CFG)
+    torch.save(sd, tmp_path / "ok.pth")
+    whole = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) * 2 // 3])
+    cases["truncated pth"] = (tmp_path / "cut.pth", ["truncated or corrupt"])
+    from safetensors.torch import save_file
+
+    save_file(sd, str(tmp_path / "ok.safetensors"))
+    st = (tmp_path / "ok.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(st[:200])
+    cases["truncated safetensors header"] = (tmp_path / "cut.safetensors", ["truncated", "header"])
+    (tmp_path / "cut2.safetensors").write_bytes(st[: len(st) - 100])
+    cases["truncated safetensors data"] = (tmp_path / "cut2.safetensors", ["truncated"])
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    cases["random bytes"] = (tmp_path / "random.bin", ["not a checkpoint"])
+    (tmp_path / "notes.txt").write_text("hello, this is not a model\n")
+    cases["text file"] = (tmp_path / "notes.txt", ["not a checkpoint"])
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "readme.md").write_text("x")
+    cases["folder without a model"] = (tmp_path / "dir", ["holds no model"])
+    (tmp_path / "cfgonly").mkdir()
+    (tmp_path / "cfgonly" / "config.json").write_text(json.dumps({"model_type": "rwkv"}))
+    cases["HF folder without weights"] = (tmp_path / "cfgonly", ["no weights"])
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cases["unknown HF model"] = (tmp_path / "llama", ["llama"])
+    miss = dict(sd)
+    del miss["blocks.1.ffn.key.weight"]
+    torch.save(miss, tmp_path / "miss.pth")
+    cases["missing key"] = (tmp_path / "miss.pth", ["blocks.1.ffn.key.weight"])
+    wrong = dict(sd, **{"blocks.0.att.time_first": torch.zeros(31)})
+    torch.save(wrong, tmp_path / "wrong.pth")
+    cases["wrong shape"] = (tmp_path / "wrong.pth", ["blocks.0.att.time_first", "(31,)", "(32,)"])
+    torch.save(dict(sd, extra=torch.zeros(1)), tmp_path / "extra.pth")
+    cases["extra key"] = (tmp_path / "extra.pth", ["unexpected", "'extra'"])
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    cases["not a dict"] = (tmp_path / "list.pth", ["list"])
+    cases["RWKV-7"] = (shared_file("rwkvcpp/other_versions/tiny-rwkv-7v0-834K-Q5_1.bin"), ["RWKV-7"])
+    return cases
+
+
+def test_bad_inputs_give_one_line(tmp_path, capsys):
+    for name, (path, words) in _bad_inputs(tmp_path).items():
+        verb = ["convert", str(path), str(tmp_path / "out"), "--to", "rwkvkit"] if name == "RWKV-7" else ["info", str(path)]
+        if name in ("missing key", "wrong shape", "extra key"):
+            verb = ["convert", str(path), str(tmp_path / "out"), "--to", "hf"]
+        rc, out, err = _run(verb, capsys)
+        lines = err.strip().splitlines()
+        assert rc == 1, f"{name}: exit code {rc}, stderr {err!r}"
+        assert len(lines) == 1 and "Traceback" not in err, f"{name}: {err!r}"
+        for w in words:
+            assert w in lines[0], f"{name}: {w!r} not in {lines[0]!r}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    (tmp_path / "random.bin").write_bytes(os.urandom(1000))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkvkit", "info", str(tmp_path / "random.bin")], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("rwkvkit info: error: ") and "not a checkpoint" in proc.stderr
