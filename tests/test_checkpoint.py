@@ -227,8 +227,10 @@ def test_rwkvcpp_writer_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------- pth
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("prefix", ["", "_forward_module."])
+@pytest.mark.parametrize(
+    "dtype,prefix",
+    [(torch.float32, ""), (torch.float16, ""), (torch.bfloat16, ""), (torch.bfloat16, "_forward_module.")],
+)
 def test_pth_logits_equal_in_memory_model(dtype, prefix, tmp_path):
     sd = random_state_dict(CFG, seed=1, dtype=dtype)
     path = tmp_path / "m.pth"
