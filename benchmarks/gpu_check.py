@@ -248,10 +248,13 @@ def decode_bench(n_tokens=200):
         best = times.get(("cuda graph", "fused wkv step"))
         if base and best:
             say(f"batch {B:3d}: cuda graph + fused step vs eager + torch step: {base / best:.1f}x")
-        if len(finals) > 1:
-            ref = next(iter(finals.values()))
-            same = all(bool((f == ref).all()) for f in finals.values())
-            say(f"batch {B:3d}: all variants end on the same greedy token: {same}")
+        # Bit-exactness is not expected between the fused and element-wise
+        # steps (different exp rounding, amplified by 200 greedy bf16 steps on
+        # random weights); the graph must replay exactly what eager runs.
+        for step_name in ("fused wkv step", "torch wkv step"):
+            a, b = finals.get(("eager", step_name)), finals.get(("cuda graph", step_name))
+            if a is not None and b is not None:
+                say(f"batch {B:3d}: {step_name}: cuda graph ends on the same greedy tokens as eager: {bool((a == b).all())}")
 
 
 @section("rwkvkit.load(path, device='cuda', dtype=bf16) vs CPU fp32 logits")

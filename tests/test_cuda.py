@@ -106,7 +106,7 @@ def _run_with_grads(fn, w, u, k, v, st, seed=1):
 
 
 def _close(name, got, ref, rtol, atol):
-    got, ref = got.double().cpu(), ref.double().cpu()
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
     err = (got - ref).abs()
     tol = atol + rtol * ref.abs()
     worst = float((err - tol).max()) if err.numel() else 0.0

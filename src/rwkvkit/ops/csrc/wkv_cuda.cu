@@ -42,6 +42,15 @@ __device__ __forceinline__ float load_f(const __nv_bfloat16* p) { return __bfloa
 __device__ __forceinline__ void store_f(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store_f(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
 
+// The scans use the hardware exp2 unit (__expf: a multiply and one MUFU.EX2,
+// against several dependent instructions for an accurate expf) and a fast
+// division: with one thread per channel the kernel is bound by the latency of
+// each step, not by memory.  Every exponent here is <= 0 and, for the states
+// the recurrence produces, every denominator is >= 1; there both are accurate
+// to a few ulp (the official kernel builds with --use_fast_math likewise).
+__device__ __forceinline__ float fexp(float x) { return __expf(x); }
+__device__ __forceinline__ float fdiv(float a, float b) { return __fdividef(a, b); }
+
 // Same value as rwkvkit.ops.types.PP_INIT: exp(pp - anything) underflows to 0.
 constexpr float PP_INIT = -1e30f;
 
@@ -92,13 +101,13 @@ __global__ void wkv_forward_kernel(
                 // Output: the current token with the bonus u.
                 float ww = uu + kk;
                 float q = fmaxf(pp, ww);
-                float e1 = expf(pp - q), e2 = expf(ww - q);
-                y[base + (size_t)t * C] = (e1 * aa + e2 * vv) / (e1 * bb + e2);
+                float e1 = fexp(pp - q), e2 = fexp(ww - q);
+                y[base + (size_t)t * C] = fdiv(e1 * aa + e2 * vv, e1 * bb + e2);
                 // Update: decay the past by exp(w), add this token with exp(k).
                 ww = pp + ww_;
                 q = fmaxf(ww, kk);
-                e1 = expf(ww - q);
-                e2 = expf(kk - q);
+                e1 = fexp(ww - q);
+                e2 = fexp(kk - q);
                 aa = e1 * aa + e2 * vv;
                 bb = e1 * bb + e2;
                 pp = q;
@@ -156,7 +165,7 @@ __global__ void wkv_backward_kernel(
                 A[i] = aa; Bs[i] = bb; P[i] = pp;
                 const float ww = pp + w_;
                 const float q = fmaxf(ww, K[i]);
-                const float e1 = expf(ww - q), e2 = expf(K[i] - q);
+                const float e1 = fexp(ww - q), e2 = fexp(K[i] - q);
                 aa = e1 * aa + e2 * V[i];
                 bb = e1 * bb + e2;
                 pp = q;
@@ -170,10 +179,10 @@ __global__ void wkv_backward_kernel(
                 // Output step, recomputed: y = N / D.
                 const float wo = uu + kk;
                 const float qo = fmaxf(p, wo);
-                const float e1 = expf(p - qo), e2 = expf(wo - qo);
+                const float e1 = fexp(p - qo), e2 = fexp(wo - qo);
                 const float D = e1 * bq + e2;
-                const float yv = (e1 * a + e2 * vv) / D;
-                const float gN = G[i] / D;
+                const float yv = fdiv(e1 * a + e2 * vv, D);
+                const float gN = fdiv(G[i], D);
                 const float gD = -gN * yv;
                 // y does not depend on the shift qo (it cancels), so no
                 // adjoint flows through the max of the output step.
@@ -182,7 +191,7 @@ __global__ void wkv_backward_kernel(
                 // Update step, recomputed.
                 const float wu = p + w_;
                 const float qu = fmaxf(wu, kk);
-                const float f1 = expf(wu - qu), f2 = expf(kk - qu);
+                const float f1 = fexp(wu - qu), f2 = fexp(kk - qu);
                 const float a2 = f1 * a + f2 * vv, b2 = f1 * bq + f2;
                 const float gf1 = ga * a + gb * bq;
                 const float gf2 = ga * vv + gb;
