@@ -162,3 +162,41 @@ def test_bad_input_in_a_real_process(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("rwkvkit info: error: ") and "not a checkpoint" in proc.stderr
+
+
+def test_load_model_arg(tmp_path):
+    from rwkvkit.commands.common import load_model_arg
+    from rwkvkit.errors import RwkvkitError
+
+    torch.save(random_state_dict(CFG), tmp_path / "m.pth")
+    model = load_model_arg(tmp_path / "m.pth", dtype="bf16", device="cpu", rescale_every=6)
+    assert model.dtype == torch.bfloat16 and model.config.rescale_every == 6 and not model.training
+    for kw, words in (
+        ({"dtype": "int3"}, "unknown dtype"),
+        ({"device": "nonsense"}, "--device"),
+        ({"rescale_every": -1}, "rescale_every"),
+        ({"ln0_fold_dtype": "fp8"}, "unknown dtype"),
+    ):
+        with pytest.raises(RwkvkitError, match=words):
+            load_model_arg(tmp_path / "m.pth", **kw)
+    with pytest.raises(RwkvkitError, match="no model given"):
+        load_model_arg("")
+    if not torch.cuda.is_available():
+        with pytest.raises(RwkvkitError, match="no CUDA GPU"):
+            load_model_arg(tmp_path / "m.pth", device="cuda")
+
+
+def test_info_reads_no_tensor_data(monkeypatch, capsys):
+    """info on an rwkv.cpp file neither decodes a tensor nor builds a model."""
+    from rwkvkit import model as model_module, rwkvcpp
+
+    def refuse(*a, **k):
+        raise AssertionError("info must not read tensor data or build the model")
+
+    monkeypatch.setattr(rwkvcpp, "read_tensor", refuse)
+    monkeypatch.setattr(rwkvcpp, "dequantize", refuse)
+    monkeypatch.setattr(model_module.RWKV, "__init__", refuse)
+    for name in ("tiny-rwkv-4v0-660K-FP16.bin", "other_versions/tiny-rwkv-5v2-730K-Q5_1.bin"):
+        rc, out, err = _run(["info", str(shared_file(f"rwkvcpp/{name}")), "--json"], capsys)
+        assert rc == 0, err
+        assert json.loads(out)["parameters"] > 0

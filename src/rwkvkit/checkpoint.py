@@ -33,7 +33,7 @@ import torch
 
 from . import rwkvcpp
 from .config import ModelConfig, dtype_from_name, dtype_name
-from .errors import CheckpointError, ShapeError, UnsupportedModelError
+from .errors import CheckpointError, RwkvkitError, ShapeError, UnsupportedModelError
 from .io_utils import atomic_dir, atomic_path
 
 FORMAT_MARKER = "rwkvkit"
@@ -530,16 +530,22 @@ def load(
     """
     from .model import RWKV
 
+    try:  # argument errors first, before reading a large file
+        target = dtype_from_name(dtype) if dtype is not None else None
+        if ln0_fold_dtype not in (_UNSET, None):
+            dtype_from_name(ln0_fold_dtype)
+        if rescale_every is not None and (not isinstance(rescale_every, int) or rescale_every < 0):
+            raise ValueError(f"rescale_every must be an integer >= 0, got {rescale_every!r}")
+    except ValueError as exc:
+        raise RwkvkitError(str(exc)) from None
     ck = read(path, progress=progress)
     cfg = infer_config(ck)
     fold = cfg.ln0_fold_dtype if ln0_fold_dtype is _UNSET else ln0_fold_dtype
     if rescale_every is not None:
-        cfg.rescale_every = int(rescale_every)
+        cfg.rescale_every = rescale_every
     cfg.ln0_fold_dtype = None  # folded below, once the weights are in
-    cfg.__post_init__()
-    if fold is not None:
-        dtype_from_name(fold)
-    target = dtype_from_name(dtype) if dtype is not None else ck.default_dtype
+    if target is None:
+        target = ck.default_dtype
     sd = {k: v.to(target).contiguous() for k, v in ck.tensors.items()}
     # Built on the meta device and filled by assignment: no second copy of the
     # weights, and memory-mapped tensors stay mapped until first written.
