@@ -178,15 +178,36 @@ def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def _save_model(model: nn.Module, folder: Path) -> None:
+    """An rwkvkit folder for RWKV models; model.pt (a state dict) for the custom
+    models :func:`train` also accepts (e.g. a baseline Transformer)."""
+    import rwkvkit
+    from ..model import RWKV
+
+    if isinstance(model, RWKV):
+        rwkvkit.save(model, folder)
+    else:
+        with atomic_dir(folder) as tmp:
+            torch.save(model.state_dict(), tmp / "model.pt")
+
+
+def _load_model_weights(model: nn.Module, folder: Path) -> None:
+    import rwkvkit
+    from ..model import RWKV
+
+    if isinstance(model, RWKV):
+        model.load_state_dict(rwkvkit.load(folder, dtype=torch.float32).state_dict())
+    else:
+        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+
+
 def save_checkpoint(out: Path, step: int, module: nn.Module, optimizer, cfg: TrainConfig, extra: dict) -> Path:
     """Write ``OUT/checkpoints/step-N`` atomically, then point latest.json at it."""
-    import rwkvkit
-
     base = _base_model(module)
     folder = out / "checkpoints" / f"step-{step:08d}"
     with atomic_dir(folder) as tmp:
         if cfg.tune == "full":
-            rwkvkit.save(base, tmp / "model")
+            _save_model(base, tmp / "model")
         elif cfg.tune == "lora":
             _unwrap_parallel(module).save_pretrained(str(tmp / "adapter"))
         else:
@@ -224,8 +245,6 @@ def _state_tuner(module: nn.Module) -> StateTuner:
 
 def load_checkpoint(out: Path, module: nn.Module, optimizer, cfg: TrainConfig) -> dict:
     """Restore weights, optimiser and RNG from ``OUT/latest.json``; returns trainer.pt."""
-    import rwkvkit
-
     latest = out / "latest.json"
     if not latest.is_file():
         raise RwkvkitError(f"--resume: '{out}' has no latest.json (no checkpoint was written there)")
@@ -239,8 +258,7 @@ def load_checkpoint(out: Path, module: nn.Module, optimizer, cfg: TrainConfig) -
     inner = _unwrap_parallel(module)
     with torch.no_grad():
         if cfg.tune == "full":
-            saved = rwkvkit.load(folder / "model", dtype=torch.float32)
-            _base_model(inner).load_state_dict(saved.state_dict())
+            _load_model_weights(_base_model(inner), folder / "model")
         else:
             params = dict(inner.named_parameters())
             for name, t in st["trainable"].items():
@@ -284,10 +302,10 @@ def _sequence_loss(module, batch, cfg: TrainConfig, device, *, train: bool, sync
                 obj = l2wrap(loss, logits, cfg.l2wrap) * (scale / chunks)
                 if cfg.bptt_detach:
                     obj.backward()
-                    state = state.detach()
+                    state = state.detach() if state is not None else None
                 else:
                     pending.append(obj)
-        if not train:
+        if not train and state is not None:
             state = state.detach()
     if train and pending:
         torch.stack(pending).sum().backward()
@@ -358,10 +376,13 @@ def _pick_device(cfg: TrainConfig, info: dist_utils.DistInfo) -> torch.device:
     return dev
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     """Run (or resume) a training job; returns a summary of the run.
 
-    Works in one process, or in each process that torchrun starts.
+    Works in one process, or in each process that torchrun starts.  ``model``
+    replaces the RWKV built from ``cfg`` with any module called as
+    ``logits, state = model(tokens, state)`` (a baseline for comparisons, run
+    through exactly the same loop); it is saved as a plain state dict.
     """
     cfg.validate()
     if cfg.threads > 0:
@@ -369,12 +390,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     device_name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     info = dist_utils.setup(device_name)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, model)
     finally:
         dist_utils.cleanup(info)
 
 
-def _train(cfg: TrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None = None) -> dict[str, Any]:
     device = _pick_device(cfg, info)
     if cfg.precision == "auto":
         cfg.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -397,7 +418,12 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo) -> dict[str, Any]:
 
     # ---- model and optimiser
     torch.manual_seed(cfg.seed)
-    model = _build_model(cfg, train_data.vocab_size, device)
+    if custom is not None:
+        if cfg.tune != "full" or cfg.init_from:
+            raise RwkvkitError("a custom model is trained as given: no --init-from or --tune")
+        model = custom.to(device)
+    else:
+        model = _build_model(cfg, train_data.vocab_size, device)
     model.train()
     groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.layerwise_lr)
     if not groups:
@@ -524,7 +550,7 @@ def _export(out: Path, module: nn.Module, cfg: TrainConfig) -> None:
 
     inner = _unwrap_parallel(module)
     if cfg.tune == "full":
-        rwkvkit.save(_base_model(inner), out / "model")
+        _save_model(_base_model(inner), out / "model")
     elif cfg.tune == "lora":
         inner.save_pretrained(str(out / "adapter"))
         if cfg.merge_lora:
