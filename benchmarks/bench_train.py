@@ -4,6 +4,7 @@
     python benchmarks/bench_train.py context        # step time and saved activations vs context 128..4096
     python benchmarks/bench_train.py shakespeare    # RWKV vs a same-size GPT, same loop, same wall time
     python benchmarks/bench_train.py long-context   # val loss by position, trained with / without state carry
+    python benchmarks/bench_train.py cuda-check     # the trainer on a GPU (bf16, speed, checkpointing, resume)
 
 Every number is measured side by side in one run on the machine it runs on;
 nothing here is asserted.  Add ``--help`` after a verb for its options.
@@ -369,6 +370,47 @@ def cmd_long_context(args) -> None:
         print(f"{f'{a}-{b}':>12s} " + " ".join(f"{v[i]:12.4f}" for v in out.values()))
 
 
+# =============================================================== cuda check
+def cmd_cuda_check(args) -> None:
+    """The trainer on a GPU: bf16 autocast, tokens/s, gradient checkpointing
+    (same losses, less memory), resume, truncated BPTT."""
+    from rwkvkit.train import TrainConfig, train
+
+    if not torch.cuda.is_available():
+        raise SystemExit("cuda-check needs a CUDA GPU")
+    work = Path(args.work or tempfile.mkdtemp(prefix="cudacheck-"))
+    data = _prepare_text(Path(args.text), work / "data")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    base = dict(data=str(data), n_layer=args.layers, n_embd=args.width, ctx_len=args.ctx, batch_size=args.batch,
+                max_steps=args.steps, lr_init=1e-3, lr_final=1e-4, warmup_steps=10, val_every=args.steps // 2,
+                val_windows=32, save_every=0, progress=False, plot=True, device="cuda", precision="bf16")
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    def run(name, **kw):
+        torch.cuda.reset_peak_memory_stats()
+        cfg = TrainConfig(**{**base, "out": str(work / name), **kw})
+        t0 = time.perf_counter()
+        s = train(cfg)
+        torch.cuda.synchronize()
+        rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        tps = statistics.median(r["tokens_per_s"] for r in rows[len(rows) // 2 :])
+        print(f"{name}: {s['steps']} steps in {time.perf_counter() - t0:.1f} s; median {tps:,.0f} tokens/s; "
+              f"loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}; val {s.get('val_loss', float('nan')):.4f}; "
+              f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
+        return losses(work / name)
+
+    ref = run("bf16")
+    ck = run("bf16_grad_checkpoint", grad_checkpoint=True, stop_after=20)
+    print(f"grad checkpoint vs plain, first 20 losses: max |diff| {max(abs(a - b) for a, b in zip(ck, ref)):.2e}")
+    run("resume", stop_after=10)
+    rs = run("resume", stop_after=10, resume=True)
+    print(f"resumed vs uninterrupted, first 20 losses: max |diff| {max(abs(a - b) for a, b in zip(rs, ref)):.2e}")
+    run("bptt4", ctx_len=args.ctx // 4, bptt_chunks=4, bptt_detach=False, stop_after=20)
+    run("fp32", precision="fp32", stop_after=20)
+
+
 # ===================================================================== main
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -419,11 +461,20 @@ def main(argv=None) -> None:
     s.add_argument("--windows", type=int, default=24, help="validation windows of 4096 tokens")
     s.add_argument("--backend", default="auto")
 
+    s = sub.add_parser("cuda-check", help="the trainer on a GPU: bf16, speed, gradient checkpointing, resume")
+    s.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
+    s.add_argument("--work", default=None)
+    s.add_argument("--layers", type=int, default=6)
+    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--ctx", type=int, default=512)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--steps", type=int, default=200)
+
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()
-    {"speed": cmd_speed, "context": cmd_context, "shakespeare": cmd_shakespeare, "long-context": cmd_long_context}[args.cmd](args)
+    {"cuda-check": cmd_cuda_check, "speed": cmd_speed, "context": cmd_context, "shakespeare": cmd_shakespeare, "long-context": cmd_long_context}[args.cmd](args)
 
 
 if __name__ == "__main__":
