@@ -71,6 +71,8 @@ def test_convert_every_target(to, tmp_path, capsys):
     rc, out, err = _run(["convert", str(tmp_path / "m.pth"), str(dst), "--to", to], capsys)
     assert rc == 0, err
     assert "wrote" in out
+    rc, out, _ = _run(["info", str(dst), "--json"], capsys)
+    assert rc == 0 and json.loads(out)["format"] == to and json.loads(out)["parameters"] == CFG.num_params
     model = rwkvkit.load(dst)
     tokens = torch.tensor([[1, 2, 3, 4, 5]])
     ref = rwkvkit.load(tmp_path / "m.pth")
@@ -136,6 +138,8 @@ def _bad_inputs(tmp_path):
     cases["extra key"] = (tmp_path / "extra.pth", ["unexpected", "'extra'"])
     torch.save([1, 2, 3], tmp_path / "list.pth")
     cases["not a dict"] = (tmp_path / "list.pth", ["list"])
+    cases["output over a non-model folder"] = (tmp_path / "ok.pth", ["not a model folder"])
+    cases["output folder over a file"] = (tmp_path / "ok.pth", ["is a file"])
     cases["RWKV-7"] = (shared_file("rwkvcpp/other_versions/tiny-rwkv-7v0-834K-Q5_1.bin"), ["RWKV-7"])
     return cases
 
@@ -145,6 +149,10 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         verb = ["convert", str(path), str(tmp_path / "out"), "--to", "rwkvkit"] if name == "RWKV-7" else ["info", str(path)]
         if name in ("missing key", "wrong shape", "extra key"):
             verb = ["convert", str(path), str(tmp_path / "out"), "--to", "hf"]
+        if name == "output over a non-model folder":
+            verb = ["convert", str(path), str(tmp_path / "dir"), "--to", "hf"]
+        if name == "output folder over a file":
+            verb = ["convert", str(path), str(tmp_path / "notes.txt"), "--to", "rwkvkit"]
         rc, out, err = _run(verb, capsys)
         lines = err.strip().splitlines()
         assert rc == 1, f"{name}: exit code {rc}, stderr {err!r}"
@@ -152,6 +160,8 @@ def test_bad_inputs_give_one_line(tmp_path, capsys):
         for w in words:
             assert w in lines[0], f"{name}: {w!r} not in {lines[0]!r}"
     assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["readme.md"]
+    assert (tmp_path / "notes.txt").read_text() == "hello, this is not a model\n"
 
 
 def test_bad_input_in_a_real_process(tmp_path):

@@ -617,11 +617,30 @@ def _official_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
+def _check_folder_target(folder: Path) -> None:
+    """A folder output replaces ``folder`` whole: only ever replace a model folder."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise CheckpointError(f"'{folder}' exists and is a file; the output is a folder")
+        if any(folder.iterdir()) and not (folder / CONFIG).is_file():
+            raise CheckpointError(f"'{folder}' exists and is not a model folder (no {CONFIG}); refusing to replace it")
+
+
+def _check_file_target(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a folder; the output is a file")
+
+
 def save(model, folder: "str | os.PathLike") -> Path:
-    """Write ``model`` as an rwkvkit folder (config.json + model.safetensors), atomically."""
+    """Write ``model`` as an rwkvkit folder (config.json + model.safetensors), atomically.
+
+    An existing ``folder`` is replaced only if it is empty or holds a model
+    (a config.json); the old one stays in place until the new one is complete.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    _check_folder_target(folder)
     sd = _official_state_dict(model)
     config = {"format": FORMAT_MARKER, "format_version": FORMAT_VERSION, **model.config.to_dict()}
     with atomic_dir(folder) as tmp:
@@ -656,6 +675,7 @@ def save_hf(model, folder: "str | os.PathLike") -> Path:
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    _check_folder_target(folder)
     sd = {official_to_hf(k): v for k, v in _official_state_dict(model).items()}
     with atomic_dir(folder) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -667,6 +687,7 @@ def save_hf(model, folder: "str | os.PathLike") -> Path:
 def save_pth(model, path: "str | os.PathLike") -> Path:
     """Write an official-format .pth (BlinkDL key names and shapes), atomically."""
     path = Path(path)
+    _check_file_target(path)
     sd = _official_state_dict(model)
     with atomic_path(path) as tmp:
         torch.save(sd, tmp)
@@ -676,6 +697,7 @@ def save_pth(model, path: "str | os.PathLike") -> Path:
 def save_rwkvcpp(model, path: "str | os.PathLike", type_name: str = "FP32") -> Path:
     """Write an rwkv.cpp file (FP32 or FP16) as its own converter would, atomically."""
     path = Path(path)
+    _check_file_target(path)
     sd = _official_state_dict(model)
     with atomic_path(path) as tmp:
         rwkvcpp.write_state_dict(tmp, sd, model.config.n_layer, type_name)
@@ -691,6 +713,9 @@ def convert(src: "str | os.PathLike", dst: "str | os.PathLike", to: str, dtype: 
     """
     if to not in TARGETS:
         raise CheckpointError(f"unknown output format {to!r}; expected one of {', '.join(TARGETS)}")
+    dst = Path(dst)
+    # Check the destination before the (possibly long) read.
+    _check_folder_target(dst) if to in ("rwkvkit", "hf") else _check_file_target(dst)
     model = load(src, dtype=dtype, progress=progress)
     if to == "rwkvkit":
         return save(model, dst)
