@@ -31,7 +31,14 @@ def _shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     x [B, T, C]; prev [B, C] is the last vector of the previous chunk (zeros at
     the start of a text).  Returns [B, T, C] = [prev, x_0, ..., x_{T-2}].
     """
+    if x.shape[1] == 1:
+        return prev.to(x.dtype).unsqueeze(1)
     return torch.cat([prev.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+
+
+def _mix(x: torch.Tensor, xx: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """mu * x + (1 - mu) * xx (spec 1.2), as one lerp: xx + mu * (x - xx)."""
+    return torch.lerp(xx, x, mu)
 
 
 class TimeMix(nn.Module):
@@ -63,9 +70,9 @@ class TimeMix(nn.Module):
     ) -> tuple[torch.Tensor, ops.WKVState]:
         """x [B, T, C] is the LN1 output; prev [B, C] the previous token's."""
         xx = _shift(x, prev)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        xk = _mix(x, xx, self.time_mix_k)
+        xv = _mix(x, xx, self.time_mix_v)
+        xr = _mix(x, xx, self.time_mix_r)
         k = self.key(xk)
         v = self.value(xv)
         r = torch.sigmoid(self.receptance(xr))
@@ -97,8 +104,8 @@ class ChannelMix(nn.Module):
     def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """x [B, T, C] is the LN2 output; prev [B, C] the previous token's."""
         xx = _shift(x, prev)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
+        xk = _mix(x, xx, self.time_mix_k)
+        xr = _mix(x, xx, self.time_mix_r)
         k = torch.square(torch.relu(self.key(xk)))  # squared ReLU
         return torch.sigmoid(self.receptance(xr)) * self.value(k)
 
@@ -143,6 +150,11 @@ class RWKV(nn.Module):
         # Embedding table with ln0 already applied (see fold_ln0); not saved.
         self.register_buffer("emb_folded", None, persistent=False)
         self.wkv_backend = "auto"
+        # The RNN step (T == 1) without autograd: "auto" runs the fused C++
+        # decoder (rwkvkit.infer_cpu) on the CPU where it can, "torch" always
+        # runs the modules below.  Both compute the same maths.
+        self.decode_backend = "auto"
+        self._decode_plan = None
         if config.ln0_fold_dtype is not None:
             self.fold_ln0(config.ln0_fold_dtype)
 
@@ -184,6 +196,20 @@ class RWKV(nn.Module):
         self.emb_folded = folded.to(self.dtype)
         self.config.ln0_fold_dtype = str(dt).removeprefix("torch.")
 
+    def quantize_int8(self, head: bool = True) -> "RWKV":
+        """Int8 weights with per-channel scales for CPU inference (see :mod:`rwkvkit.quant`); in place."""
+        from .quant import quantize_int8
+
+        return quantize_int8(self, head=head)
+
+    def _fused_step_allowed(self, tokens: torch.Tensor) -> bool:
+        if self.decode_backend == "torch" or tokens.device.type != "cpu":
+            return False
+        if self.decode_backend != "auto":
+            raise ValueError(f"decode_backend must be 'auto' or 'torch', got {self.decode_backend!r}")
+        # The C++ step records no autograd graph: use it only when none is wanted.
+        return not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters())
+
     # ----------------------------------------------------------------- forward
     def forward(
         self,
@@ -222,6 +248,13 @@ class RWKV(nn.Module):
             state.check(cfg.n_layer, cfg.n_embd, cfg.dim_att, batch=B)
             if state.device != self.device:
                 state = state.to(self.device)
+
+        if T == 1 and self._fused_step_allowed(tokens):
+            from . import infer_cpu
+
+            fused = infer_cpu.step(self, tokens, state, want_logits=logits != "none")
+            if fused is not None:
+                return fused
 
         if self.emb_folded is not None:
             x = F.embedding(tokens, self.emb_folded)

@@ -1,0 +1,474 @@
+// One RNN step (T = 1) of the whole RWKV-4 model on the CPU, fp32 or int8 weights.
+//
+// Decoding one token reads every weight matrix once and does ~2 FLOPs per
+// weight, so it is bound by memory bandwidth; what costs beyond that is
+// per-operator overhead (Python, dispatcher, allocation, thread fork/join).
+// This file removes the overhead: one call runs all layers and the head in a
+// single OpenMP region, the matrix-vector products are split by rows over the
+// threads, and the element-wise work (LayerNorm, token-shift mixes, the WKV
+// recurrence of spec 2.4, activations) is fused around them.  The maths is
+// that of rwkvkit/model.py; only the fp32 summation order differs.
+//
+// Only pybind11 and ATen/Parallel.h are included, not torch/extension.h:
+// tensors arrive as raw pointers (checked on the Python side, infer_cpu.py),
+// which keeps the first build at a few seconds.  The SIMD kernels are compiled
+// for AVX-512, AVX2 and plain C++ and chosen at run time, so no -march flag is
+// needed and a shared build cache stays valid on another CPU.
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define RK_X86 1
+#else
+#define RK_X86 0
+#endif
+
+namespace {
+
+// A linear layer as the Python side describes it: W [n, k] row-major, fp32
+// (kind 0) or int8 with one fp32 scale per output row (kind 1).
+struct Lin {
+  const void* w;
+  const float* scale;
+  int64_t n, k, kind;
+};
+
+enum Act { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_RELU_SQ = 2 };
+
+constexpr int RB = 4;  // weight rows per block: each weight is loaded once for all batch rows
+constexpr int BT = 4;  // batch rows per pass over a block (accumulators: RB * BT registers)
+
+// out[r * BT + b] = dot(W row r, x row b) for r < nr, b < nb.
+using BlockFn = void (*)(const Lin&, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out);
+
+// ---------------------------------------------------------------- scalar
+void block_scalar(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  for (int r = 0; r < nr; ++r) {
+    for (int b = 0; b < nb; ++b) {
+      const float* xb = x + b * ldx;
+      float s = 0.f;
+      if (L.kind == 0) {
+        const float* w = static_cast<const float*>(L.w) + (row0 + r) * L.k;
+        for (int64_t i = 0; i < L.k; ++i) s += w[i] * xb[i];
+      } else {
+        const int8_t* w = static_cast<const int8_t*>(L.w) + (row0 + r) * L.k;
+        for (int64_t i = 0; i < L.k; ++i) s += static_cast<float>(w[i]) * xb[i];
+      }
+      out[r * BT + b] = s;
+    }
+  }
+}
+
+#if RK_X86
+// ---------------------------------------------------------------- AVX-512
+template <bool I8>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16(const void* base, int64_t off, __mmask16 m) {
+  if (I8) {
+    const __m128i q = _mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(base) + off);
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + off);
+}
+
+template <bool I8, int NR, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const Lin& L, int64_t row0, const float* x,
+                                                                         int64_t ldx, float* out) {
+  const int64_t K = L.k;
+  __m512 acc[NR][NB];
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) {
+    __m512 w[NR];
+    for (int r = 0; r < NR; ++r) w[r] = load16<I8>(L.w, (row0 + r) * K + i, 0xFFFF);
+    for (int b = 0; b < NB; ++b) {
+      const __m512 xv = _mm512_loadu_ps(x + b * ldx + i);
+      for (int r = 0; r < NR; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xv, acc[r][b]);
+    }
+  }
+  if (i < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - i)) - 1u);
+    __m512 w[NR];
+    for (int r = 0; r < NR; ++r) w[r] = load16<I8>(L.w, (row0 + r) * K + i, m);
+    for (int b = 0; b < NB; ++b) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + b * ldx + i);
+      for (int r = 0; r < NR; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) out[r * BT + b] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+template <bool I8, int NR>
+void block512_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
+  switch (nb) {
+    case 1: block512_t<I8, NR, 1>(L, row0, x, ldx, out); break;
+    case 2: block512_t<I8, NR, 2>(L, row0, x, ldx, out); break;
+    case 3: block512_t<I8, NR, 3>(L, row0, x, ldx, out); break;
+    default: block512_t<I8, NR, 4>(L, row0, x, ldx, out); break;
+  }
+}
+
+void block_avx512(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  const bool i8 = L.kind == 1;
+  if (nr == RB) {
+    if (i8) block512_nb<true, RB>(L, row0, x, ldx, nb, out);
+    else block512_nb<false, RB>(L, row0, x, ldx, nb, out);
+  } else {
+    for (int r = 0; r < nr; ++r) {
+      if (i8) block512_nb<true, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+      else block512_nb<false, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2
+template <bool I8>
+__attribute__((target("avx2,fma"))) inline __m256 load8(const void* base, int64_t off) {
+  if (I8) {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + off));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  }
+  return _mm256_loadu_ps(static_cast<const float*>(base) + off);
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <bool I8, int NR, int NB>
+__attribute__((target("avx2,fma"))) void block256_t(const Lin& L, int64_t row0, const float* x, int64_t ldx,
+                                                    float* out) {
+  const int64_t K = L.k;
+  __m256 acc[NR][NB];
+  for (int r = 0; r < NR; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= K; i += 8) {
+    __m256 w[NR];
+    for (int r = 0; r < NR; ++r) w[r] = load8<I8>(L.w, (row0 + r) * K + i);
+    for (int b = 0; b < NB; ++b) {
+      const __m256 xv = _mm256_loadu_ps(x + b * ldx + i);
+      for (int r = 0; r < NR; ++r) acc[r][b] = _mm256_fmadd_ps(w[r], xv, acc[r][b]);
+    }
+  }
+  for (int r = 0; r < NR; ++r) {
+    for (int b = 0; b < NB; ++b) {
+      float s = hsum256(acc[r][b]);
+      const float* xb = x + b * ldx;
+      for (int64_t j = i; j < K; ++j) {
+        const float wj = I8 ? static_cast<float>(static_cast<const int8_t*>(L.w)[(row0 + r) * K + j])
+                            : static_cast<const float*>(L.w)[(row0 + r) * K + j];
+        s += wj * xb[j];
+      }
+      out[r * BT + b] = s;
+    }
+  }
+}
+
+template <bool I8, int NR>
+void block256_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
+  switch (nb) {
+    case 1: block256_t<I8, NR, 1>(L, row0, x, ldx, out); break;
+    case 2: block256_t<I8, NR, 2>(L, row0, x, ldx, out); break;
+    case 3: block256_t<I8, NR, 3>(L, row0, x, ldx, out); break;
+    default: block256_t<I8, NR, 4>(L, row0, x, ldx, out); break;
+  }
+}
+
+void block_avx2(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  const bool i8 = L.kind == 1;
+  if (nr == RB) {
+    if (i8) block256_nb<true, RB>(L, row0, x, ldx, nb, out);
+    else block256_nb<false, RB>(L, row0, x, ldx, nb, out);
+  } else {
+    for (int r = 0; r < nr; ++r) {
+      if (i8) block256_nb<true, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+      else block256_nb<false, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+    }
+  }
+}
+#endif  // RK_X86
+
+int g_isa = -1;  // -1 unset; 0 scalar, 1 AVX2, 2 AVX-512
+
+int detect_isa() {
+#if RK_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+#endif
+  return 0;
+}
+
+BlockFn block_fn() {
+  if (g_isa < 0) g_isa = detect_isa();
+#if RK_X86
+  if (g_isa == 2) return block_avx512;
+  if (g_isa == 1) return block_avx2;
+#endif
+  return block_scalar;
+}
+
+inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// A matrix-vector job: y[B, n] = act(x[B, k] @ W^T) (int8: times the row scales).
+struct Job {
+  const Lin* L;
+  const float* x;
+  float* y;
+  int act;
+};
+
+// Runs inside an OpenMP parallel region: the row blocks of all jobs are shared
+// out over the threads in one static schedule (one barrier for all of them).
+void run_jobs(const Job* jobs, int njobs, int64_t B, BlockFn fn) {
+  int64_t offs[8];
+  int64_t total = 0;
+  for (int j = 0; j < njobs; ++j) {
+    offs[j] = total;
+    total += (jobs[j].L->n + RB - 1) / RB;
+  }
+#pragma omp for schedule(static)
+  for (int64_t blk = 0; blk < total; ++blk) {
+    int j = 0;
+    while (j + 1 < njobs && blk >= offs[j + 1]) ++j;
+    const Job& J = jobs[j];
+    const Lin& L = *J.L;
+    const int64_t row0 = (blk - offs[j]) * RB;
+    const int nr = static_cast<int>(std::min<int64_t>(RB, L.n - row0));
+    float res[RB * BT];
+    for (int64_t b0 = 0; b0 < B; b0 += BT) {
+      const int nb = static_cast<int>(std::min<int64_t>(BT, B - b0));
+      fn(L, row0, nr, J.x + b0 * L.k, L.k, nb, res);
+      for (int r = 0; r < nr; ++r) {
+        const float sc = L.kind == 1 ? L.scale[row0 + r] : 1.f;
+        for (int b = 0; b < nb; ++b) {
+          float v = res[r * BT + b] * sc;
+          if (J.act == ACT_SIGMOID) v = sigmoidf(v);
+          else if (J.act == ACT_RELU_SQ) v = v > 0.f ? v * v : 0.f;
+          J.y[(b0 + b) * L.n + row0 + r] = v;
+        }
+      }
+    }
+  }
+}
+
+// LayerNorm of one row (mean and variance in double: the row is short).
+void layer_norm(const float* x, const float* w, const float* b, float* y, int64_t C, float eps) {
+  double s = 0.0;
+  for (int64_t i = 0; i < C; ++i) s += x[i];
+  const double mean = s / C;
+  double v = 0.0;
+  for (int64_t i = 0; i < C; ++i) {
+    const double d = x[i] - mean;
+    v += d * d;
+  }
+  const float rstd = static_cast<float>(1.0 / std::sqrt(v / C + eps));
+  const float m = static_cast<float>(mean);
+  for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - m) * rstd * w[i] + b[i];
+}
+
+// Per-layer table written by infer_cpu.py (LAYER_SLOTS int64 each).
+enum Slot {
+  S_LN1_W, S_LN1_B, S_LN2_W, S_LN2_B, S_W, S_U,
+  S_ATT_MK, S_ATT_MV, S_ATT_MR, S_FFN_MK, S_FFN_MR,
+  S_LIN0,  // 7 linears x 5 slots: att.key, att.value, att.receptance, att.output,
+           // ffn.key, ffn.receptance, ffn.value
+  LAYER_SLOTS = S_LIN0 + 7 * 5,
+};
+
+Lin read_lin(const int64_t* p) {
+  return Lin{reinterpret_cast<const void*>(p[0]), reinterpret_cast<const float*>(p[1]), p[2], p[3], p[4]};
+}
+
+template <typename T>
+T* P(int64_t v) {
+  return reinterpret_cast<T*>(v);
+}
+
+// x [B, C] (embedded tokens; overwritten), states [L, B, *] in and out,
+// logits [B, V] or 0.
+void step(int64_t table, int64_t n_layer, int64_t B, int64_t C, int64_t A, int64_t Fd, int64_t x_p,
+          int64_t ax_in, int64_t aa_in, int64_t bb_in, int64_t pp_in, int64_t fx_in, int64_t ax_out,
+          int64_t aa_out, int64_t bb_out, int64_t pp_out, int64_t fx_out, int64_t lnout_w, int64_t lnout_b,
+          int64_t head_tab, int64_t logits_p, int64_t rescale_every, double eps_d) {
+  const int64_t* tab = P<const int64_t>(table);
+  float* x = P<float>(x_p);
+  const float eps = static_cast<float>(eps_d);
+  std::vector<Lin> lins(static_cast<size_t>(n_layer) * 7);
+  for (int64_t l = 0; l < n_layer; ++l)
+    for (int j = 0; j < 7; ++j) lins[l * 7 + j] = read_lin(tab + l * LAYER_SLOTS + S_LIN0 + j * 5);
+  const Lin head = head_tab ? read_lin(P<const int64_t>(head_tab)) : Lin{nullptr, nullptr, 0, 0, 0};
+
+  // Scratch: a, xk, xv, xr [B, C]; k, v, r, ry [B, A]; kf [B, F]; rf, out [B, C].
+  const int64_t CA = std::max(C, A);
+  std::vector<float> buf(static_cast<size_t>(B) * (6 * C + 4 * A + Fd + CA));
+  float* a = buf.data();
+  float* xk = a + B * C;
+  float* xv = xk + B * C;
+  float* xr = xv + B * C;
+  float* k = xr + B * C;
+  float* v = k + B * A;
+  float* r = v + B * A;
+  float* ry = r + B * A;
+  float* kf = ry + B * A;
+  float* rf = kf + B * Fd;
+  float* out = rf + B * C;
+  float* h = out + B * CA;  // ln_out output [B, C]
+
+  const BlockFn fn = block_fn();
+  const int nt = std::max(1, at::get_num_threads());
+
+#pragma omp parallel num_threads(nt)
+  {
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const int64_t* t = tab + l * LAYER_SLOTS;
+      const Lin* LL = &lins[l * 7];
+      // Rescale (spec 3.4): outputs of this layer divided by 2^(l / R), exact.
+      const float rs = rescale_every > 0 ? std::ldexp(1.f, -static_cast<int>(l / rescale_every)) : 1.f;
+#pragma omp single
+      {
+        const float *mk = P<const float>(t[S_ATT_MK]), *mv = P<const float>(t[S_ATT_MV]),
+                    *mr = P<const float>(t[S_ATT_MR]);
+        for (int64_t b = 0; b < B; ++b) {
+          float* ab = a + b * C;
+          layer_norm(x + b * C, P<const float>(t[S_LN1_W]), P<const float>(t[S_LN1_B]), ab, C, eps);
+          const float* prev = P<const float>(ax_in) + (l * B + b) * C;
+          for (int64_t i = 0; i < C; ++i) {
+            const float cur = ab[i], p = prev[i];
+            xk[b * C + i] = cur * mk[i] + p * (1.f - mk[i]);
+            xv[b * C + i] = cur * mv[i] + p * (1.f - mv[i]);
+            xr[b * C + i] = cur * mr[i] + p * (1.f - mr[i]);
+          }
+          std::memcpy(P<float>(ax_out) + (l * B + b) * C, ab, C * sizeof(float));
+        }
+      }
+      {
+        const Job jobs[3] = {{&LL[0], xk, k, ACT_NONE}, {&LL[1], xv, v, ACT_NONE}, {&LL[2], xr, r, ACT_SIGMOID}};
+        run_jobs(jobs, 3, B, fn);
+      }
+#pragma omp single
+      {
+        // WKV, one token of the stable recurrence (spec 2.4), times sigmoid(r).
+        const float *w = P<const float>(t[S_W]), *u = P<const float>(t[S_U]);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t so = (l * B + b) * A;
+          const float *aa = P<const float>(aa_in) + so, *bb = P<const float>(bb_in) + so,
+                      *pp = P<const float>(pp_in) + so;
+          float *aa2 = P<float>(aa_out) + so, *bb2 = P<float>(bb_out) + so, *pp2 = P<float>(pp_out) + so;
+          for (int64_t i = 0; i < A; ++i) {
+            const float kk = k[b * A + i], vv = v[b * A + i];
+            float ww = u[i] + kk;
+            float q = std::max(pp[i], ww);
+            float e1 = std::exp(pp[i] - q), e2 = std::exp(ww - q);
+            const float y = (e1 * aa[i] + e2 * vv) / (e1 * bb[i] + e2);
+            ry[b * A + i] = r[b * A + i] * y;
+            ww = pp[i] + w[i];
+            q = std::max(ww, kk);
+            e1 = std::exp(ww - q);
+            e2 = std::exp(kk - q);
+            aa2[i] = e1 * aa[i] + e2 * vv;
+            bb2[i] = e1 * bb[i] + e2;
+            pp2[i] = q;
+          }
+        }
+      }
+      {
+        const Job jobs[1] = {{&LL[3], ry, out, ACT_NONE}};
+        run_jobs(jobs, 1, B, fn);
+      }
+#pragma omp single
+      {
+        const float *mk = P<const float>(t[S_FFN_MK]), *mr = P<const float>(t[S_FFN_MR]);
+        for (int64_t b = 0; b < B; ++b) {
+          float* xb = x + b * C;
+          for (int64_t i = 0; i < C; ++i) xb[i] += out[b * C + i] * rs;
+          float* bn = a + b * C;
+          layer_norm(xb, P<const float>(t[S_LN2_W]), P<const float>(t[S_LN2_B]), bn, C, eps);
+          const float* prev = P<const float>(fx_in) + (l * B + b) * C;
+          for (int64_t i = 0; i < C; ++i) {
+            const float cur = bn[i], p = prev[i];
+            xk[b * C + i] = cur * mk[i] + p * (1.f - mk[i]);
+            xr[b * C + i] = cur * mr[i] + p * (1.f - mr[i]);
+          }
+          std::memcpy(P<float>(fx_out) + (l * B + b) * C, bn, C * sizeof(float));
+        }
+      }
+      {
+        const Job jobs[2] = {{&LL[4], xk, kf, ACT_RELU_SQ}, {&LL[5], xr, rf, ACT_SIGMOID}};
+        run_jobs(jobs, 2, B, fn);
+      }
+      {
+        const Job jobs[1] = {{&LL[6], kf, out, ACT_NONE}};
+        run_jobs(jobs, 1, B, fn);
+      }
+#pragma omp single
+      {
+        const bool halve = rescale_every > 0 && (l + 1) % rescale_every == 0;
+        for (int64_t b = 0; b < B; ++b) {
+          float* xb = x + b * C;
+          for (int64_t i = 0; i < C; ++i) {
+            float xi = xb[i] + rf[b * C + i] * out[b * C + i] * rs;
+            xb[i] = halve ? xi * 0.5f : xi;
+          }
+        }
+      }
+    }
+    if (logits_p) {
+#pragma omp single
+      {
+        for (int64_t b = 0; b < B; ++b)
+          layer_norm(x + b * C, P<const float>(lnout_w), P<const float>(lnout_b), h + b * C, C, eps);
+      }
+      const Job jobs[1] = {{&head, h, P<float>(logits_p), ACT_NONE}};
+      run_jobs(jobs, 1, B, fn);
+    }
+  }
+}
+
+// y [B, n] = x [B, k] @ W^T (times the row scales for int8): the kernel alone,
+// for the int8 linear layers outside the fused step and for tests.
+void linear(int64_t w, int64_t scale, int64_t n, int64_t k, int64_t kind, int64_t x, int64_t B, int64_t y) {
+  const Lin L{P<const void>(w), P<const float>(scale), n, k, kind};
+  const BlockFn fn = block_fn();
+  const int nt = std::max(1, at::get_num_threads());
+#pragma omp parallel num_threads(nt)
+  {
+    const Job jobs[1] = {{&L, P<const float>(x), P<float>(y), ACT_NONE}};
+    run_jobs(jobs, 1, B, fn);
+  }
+}
+
+int layer_slots() { return LAYER_SLOTS; }
+
+// Force a kernel family (0 scalar, 1 AVX2, 2 AVX-512; -1 = best available), so
+// tests can check each one the CPU supports.  Returns the one in use.
+int set_isa(int isa) {
+  const int best = detect_isa();
+  g_isa = (isa < 0 || isa > best) ? best : isa;
+  return g_isa;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rwkvkit: fused RNN step of RWKV-4 on the CPU (fp32 / int8 weights)";
+  m.def("step", &step);
+  m.def("linear", &linear);
+  m.def("layer_slots", &layer_slots);
+  m.def("set_isa", &set_isa);
+}

@@ -1,0 +1,285 @@
+"""The fused CPU decoder: one C++ call per generated token (``csrc/infer_cpu.cpp``).
+
+:meth:`rwkvkit.model.RWKV.forward` uses it for T == 1 on the CPU when no
+gradient is recorded and the weights are float32 (or int8, see
+:mod:`rwkvkit.quant`).  The extension is built on first use with
+``torch.utils.cpp_extension`` (a few seconds; it includes only pybind11 and
+ATen/Parallel.h) and cached in torch's extension folder.  Where it cannot be
+built, one warning names the cause and the model keeps its pure-PyTorch RNN
+step, which gives the same logits, only slower.
+
+The C++ side receives raw data pointers; this module is where they are
+checked: every tensor is float32 (int8 for quantised weights), contiguous and
+on the CPU, with the shape the config says.  The table of pointers is cached
+per model and rebuilt whenever a tensor moved (``.to()``, a new Parameter) or a
+precomputed value's source changed in place (``time_decay``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "infer_cpu.cpp"
+# No -march: the kernels carry their own target attributes and are chosen at
+# run time, so a build cache shared between machines stays correct.  No
+# fast-math: the WKV recurrence relies on exp(-1e30) == 0 exactly.
+_CFLAGS = ["-O3", "-fopenmp"]
+
+_ext: object | None = None
+_tried: dict[bool, bool] = {}
+_build_seconds: float | None = None
+
+# Per-layer table layout, mirrored from the C++ `Slot` enum.
+_LN1_W, _LN1_B, _LN2_W, _LN2_B, _W, _U, _ATT_MK, _ATT_MV, _ATT_MR, _FFN_MK, _FFN_MR, _LIN0 = range(12)
+LAYER_SLOTS = _LIN0 + 7 * 5
+_LINEARS = ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value")
+
+
+def load_extension(force_fail: bool = False):
+    """The compiled module, building it on first use; None (after one warning) if it cannot be built.
+
+    ``force_fail=True`` takes the failure path without compiling, so tests can
+    check the fallback on a machine that has a compiler.
+    """
+    global _ext, _build_seconds
+    if force_fail:
+        if not _tried.get(True):
+            _tried[True] = True
+            warnings.warn(_fail_message("build disabled by load_extension(force_fail=True)"), RuntimeWarning, stacklevel=2)
+        return None
+    if _tried.get(False):
+        return _ext
+    _tried[False] = True
+    try:
+        from torch.utils import cpp_extension
+
+        # cpp_extension runs `ninja` from PATH; a venv's bin (where the ninja
+        # wheel puts it) is on PATH only when the venv is activated.
+        extra = [os.path.dirname(sys.executable)]
+        try:
+            import ninja
+
+            extra.append(ninja.BIN_DIR)
+        except ImportError:
+            pass
+        path = os.environ.get("PATH", "")
+        missing = [d for d in extra if d not in path.split(os.pathsep)]
+        if missing:
+            os.environ["PATH"] = os.pathsep.join(missing + [path])
+        start = time.perf_counter()
+        _log.info("building the fused CPU decoder (first use on this machine)")
+        ext = cpp_extension.load(
+            name="rwkvkit_infer_cpu_v1",
+            sources=[str(_SOURCE)],
+            extra_cflags=_CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+        if ext.layer_slots() != LAYER_SLOTS:
+            raise RuntimeError(f"table layout mismatch: C++ has {ext.layer_slots()} slots per layer, Python {LAYER_SLOTS}")
+        _build_seconds = time.perf_counter() - start
+        _ext = ext
+    except Exception as exc:  # any failure means: fall back, say why once
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building")]
+        line = errors[0] if errors else (lines[0] if lines else "")
+        warnings.warn(_fail_message(f"{type(exc).__name__}: {line[:300]}"), RuntimeWarning, stacklevel=2)
+        _ext = None
+    return _ext
+
+
+def _fail_message(cause: str) -> str:
+    return f"rwkvkit: could not build the fused CPU decoder ({cause}); the RNN step runs in plain PyTorch (same results, slower)"
+
+
+def build_seconds() -> float | None:
+    """Seconds the build (or cache load) of the extension took in this process."""
+    return _build_seconds
+
+
+def set_isa(isa: int) -> int:
+    """Force the SIMD kernel family: 0 scalar, 1 AVX2, 2 AVX-512, -1 the best.
+
+    Returns the family now in use (the best available if ``isa`` is not
+    supported by this CPU).  For tests and benchmarks.
+    """
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError("the fused CPU decoder is not available")
+    return ext.set_isa(isa)
+
+
+# --------------------------------------------------------------------- plan
+def _linear_entry(module, keep: list) -> list[int] | None:
+    """(weight, scale, n, k, kind) of an nn.Linear or quant.Int8Linear, or None if unusable."""
+    from .quant import Int8Linear
+
+    if isinstance(module, Int8Linear):
+        q, s = module.qweight, module.scale
+        if q.dtype != torch.int8 or s.dtype != torch.float32 or not (q.is_contiguous() and s.is_contiguous()):
+            return None
+        if q.device.type != "cpu" or s.shape != (q.shape[0],):
+            return None
+        keep.extend((q, s))
+        return [q.data_ptr(), s.data_ptr(), q.shape[0], q.shape[1], 1]
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or getattr(module, "bias", None) is not None:
+        return None
+    if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu" or w.dim() != 2:
+        return None
+    keep.append(w)
+    return [w.data_ptr(), 0, w.shape[0], w.shape[1], 0]
+
+
+def _linear_tensors(module) -> list[torch.Tensor]:
+    from .quant import Int8Linear
+
+    if isinstance(module, Int8Linear):
+        return [module.qweight, module.scale]
+    return [module.weight]
+
+
+def _watched(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tensors whose storage the table points at, and those it derives values from."""
+    ptrs: list[torch.Tensor] = []
+    derived: list[torch.Tensor] = []
+    for block in model.blocks:
+        att, ffn = block.att, block.ffn
+        ptrs += [block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias]
+        ptrs += [att.time_first, att.time_mix_k, att.time_mix_v, att.time_mix_r, ffn.time_mix_k, ffn.time_mix_r]
+        for m in (att.key, att.value, att.receptance, att.output, ffn.key, ffn.receptance, ffn.value):
+            ptrs += _linear_tensors(m)
+        derived.append(att.time_decay)
+    ptrs += [model.ln_out.weight, model.ln_out.bias] + _linear_tensors(model.head)
+    return ptrs, derived
+
+
+def _key(model) -> tuple:
+    ptrs, derived = _watched(model)
+    return tuple(t.data_ptr() for t in ptrs) + tuple((t.data_ptr(), t._version) for t in derived)
+
+
+class DecodePlan:
+    """The pointer table of one model, and the tensors it keeps alive."""
+
+    def __init__(self, model):
+        cfg = model.config
+        C, A = cfg.n_embd, cfg.dim_att
+        self.key = _key(model)
+        self.ok = False
+        keep: list[torch.Tensor] = []
+        rows = []
+
+        def vec(t: torch.Tensor, n: int) -> int | None:
+            if t.dtype != torch.float32 or t.device.type != "cpu" or t.numel() != n or not t.is_contiguous():
+                return None
+            keep.append(t)
+            return t.data_ptr()
+
+        for block in model.blocks:
+            att, ffn = block.att, block.ffn
+            # omega = -exp(d), as TimeMix computes it (spec 1.3).
+            w = -torch.exp(att.time_decay.detach().float()).contiguous()
+            # Kept alive so that a replacement cannot reuse its address unnoticed.
+            keep.append(att.time_decay)
+            row = [
+                vec(block.ln1.weight, C), vec(block.ln1.bias, C), vec(block.ln2.weight, C), vec(block.ln2.bias, C),
+                vec(w, A), vec(att.time_first, A),
+                vec(att.time_mix_k, C), vec(att.time_mix_v, C), vec(att.time_mix_r, C),
+                vec(ffn.time_mix_k, C), vec(ffn.time_mix_r, C),
+            ]
+            if any(p is None for p in row):
+                return
+            shapes = ((A, C), (A, C), (A, C), (C, A), (cfg.dim_ffn, C), (C, C), (C, cfg.dim_ffn))
+            for m, shape in zip((att.key, att.value, att.receptance, att.output, ffn.key, ffn.receptance, ffn.value), shapes):
+                entry = _linear_entry(m, keep)
+                if entry is None or tuple(entry[2:4]) != shape:
+                    return
+                row += entry
+            rows.append(row)
+        head = _linear_entry(model.head, keep)
+        lnw, lnb = vec(model.ln_out.weight, C), vec(model.ln_out.bias, C)
+        if head is None or tuple(head[2:4]) != (cfg.vocab_size, C) or lnw is None or lnb is None:
+            return
+        self.table = torch.tensor(rows, dtype=torch.int64)  # [L, LAYER_SLOTS]
+        assert self.table.shape == (cfg.n_layer, LAYER_SLOTS)
+        self.head = torch.tensor(head, dtype=torch.int64)  # [5]
+        self.ln_out = (lnw, lnb)
+        self.keep = keep
+        self.ok = True
+
+
+def plan_for(model) -> DecodePlan | None:
+    """The model's cached plan, rebuilt if any watched tensor changed; None if unusable."""
+    plan = getattr(model, "_decode_plan", None)
+    if plan is None or plan.key != _key(model):
+        plan = DecodePlan(model)
+        model._decode_plan = plan
+    return plan if plan.ok else None
+
+
+@torch.no_grad()
+def step(model, tokens: torch.Tensor, state, want_logits: bool):
+    """One RNN step through the extension: tokens [B, 1] -> (logits [B, 1, V] or None, new State).
+
+    Returns None when the fused path cannot run this model (the caller then
+    runs the PyTorch step).
+    """
+    from .state import State
+
+    ext = load_extension()
+    if ext is None:
+        return None
+    plan = plan_for(model)
+    if plan is None:
+        return None
+    cfg = model.config
+    B = tokens.shape[0]
+    C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
+    ids = tokens[:, 0]
+    if model.emb_folded is not None:
+        x = F.embedding(ids, model.emb_folded)
+    else:
+        x = model.blocks[0].ln0(model.emb(ids))
+    x = x.float().contiguous()  # [B, C], updated in place by the kernel
+    src = [t.float().contiguous() for t in state.tensors()]
+    dst = State(
+        att_x=torch.empty(L, B, C),
+        att_aa=torch.empty(L, B, A),
+        att_bb=torch.empty(L, B, A),
+        att_pp=torch.empty(L, B, A),
+        ffn_x=torch.empty(L, B, C),
+    )
+    logits = torch.empty(B, cfg.vocab_size) if want_logits else None
+    ext.step(
+        plan.table.data_ptr(), L, B, C, A, cfg.dim_ffn, x.data_ptr(),
+        *(t.data_ptr() for t in src),
+        *(t.data_ptr() for t in dst.tensors()),
+        plan.ln_out[0], plan.ln_out[1], plan.head.data_ptr(),
+        logits.data_ptr() if logits is not None else 0,
+        cfg.rescale_every, float(cfg.layer_norm_eps),
+    )
+    return (logits.unsqueeze(1) if logits is not None else None), dst
+
+
+def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """x [M, K] fp32 @ (int8 qweight [N, K] * scale [N, 1])^T with the extension's kernel; None if unavailable."""
+    ext = load_extension()
+    if ext is None:
+        return None
+    x = x.float().contiguous()
+    M, K = x.shape
+    N = qweight.shape[0]
+    y = torch.empty(M, N)
+    ext.linear(qweight.data_ptr(), scale.data_ptr(), N, K, 1, x.data_ptr(), M, y.data_ptr())
+    return y

@@ -1,0 +1,191 @@
+"""The fast inference paths compute the same maths as the plain modules.
+
+The fused C++ RNN step (rwkvkit.infer_cpu) against the PyTorch RNN step of the
+same model, for every SIMD kernel family the CPU has, odd shapes (row and
+column counts that are not multiples of the vector width, dim_att != n_embd),
+batches that do not divide the kernel's batch tile, both numerical switches,
+and the cases where it must step aside (autograd, other dtypes, a missing
+compiler).  Timing lives in benchmarks/bench_inference.py, never here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from rwkvkit import infer_cpu
+from rwkvkit.config import ModelConfig
+from rwkvkit.model import RWKV
+from util import make_model
+
+CONFIGS = [
+    ModelConfig(n_layer=7, n_embd=64, vocab_size=97),
+    # 40 and 24 are not multiples of 16 (AVX-512) nor, for 20, of 8 (AVX2).
+    ModelConfig(n_layer=3, n_embd=40, vocab_size=61, dim_att=24, dim_ffn=72),
+    ModelConfig(n_layer=2, n_embd=20, vocab_size=33, dim_ffn=44),
+]
+IDS = ["L7C64", "L3C40A24F72", "L2C20F44"]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def ext():
+    mod = infer_cpu.load_extension()
+    if mod is None:
+        pytest.skip("the fused CPU decoder cannot be built here (no C++ compiler?)")
+    yield mod
+    mod.set_isa(-1)
+
+
+def _tokens(cfg, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+
+
+def _run(model, tokens, backend, state=None):
+    """Token by token through the RNN step with the given decode backend."""
+    model.decode_backend = backend
+    outs = []
+    try:
+        with torch.no_grad():
+            for t in range(tokens.shape[1]):
+                o, state = model(tokens[:, t : t + 1], state)
+                outs.append(o)
+    finally:
+        model.decode_backend = "auto"
+    return torch.cat(outs, 1), state
+
+
+def _assert_same(a, sa, b, sb, tol=TOL):
+    diff = (a - b).abs().max().item()
+    assert diff < tol, f"logits differ by {diff}"
+    for name, x, y in zip(("att_x", "att_aa", "att_bb", "att_pp", "ffn_x"), sa.tensors(), sb.tensors()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=f"state field {name}")
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("B", [1, 6])
+def test_fused_step_equals_torch_step(ext, cfg, B):
+    model, _ = make_model(cfg, seed=11)
+    tokens = _tokens(cfg, B, 9, seed=B)
+    fused, sf = _run(model, tokens, "auto")
+    plain, sp = _run(model, tokens, "torch")
+    assert model._decode_plan is not None and model._decode_plan.ok, "the fused path did not run"
+    _assert_same(fused, sf, plain, sp)
+    # And the parallel form, from the same carried-in state.
+    with torch.no_grad():
+        par, spar = model(tokens)
+    _assert_same(fused, sf, par, spar)
+
+
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=["scalar", "avx2", "avx512"])
+def test_every_kernel_family(ext, isa):
+    got = ext.set_isa(isa)
+    if got != isa:
+        ext.set_isa(-1)
+        pytest.skip(f"this CPU does not support kernel family {isa}")
+    try:
+        cfg = CONFIGS[1]
+        model, _ = make_model(cfg, seed=2)
+        tokens = _tokens(cfg, 5, 6)
+        fused, sf = _run(model, tokens, "auto")
+        plain, sp = _run(model, tokens, "torch")
+        _assert_same(fused, sf, plain, sp)
+        # The int8 kernel of the same family against the dequantised matrix.
+        from rwkvkit.quant import quantize_weight
+
+        g = torch.Generator().manual_seed(isa)
+        for n, k, m in ((37, 40, 1), (5, 19, 7), (64, 48, 16)):
+            q, s = quantize_weight(torch.randn(n, k, generator=g))
+            x = torch.randn(m, k, generator=g)
+            y = infer_cpu.linear(x, q, s)
+            ref = x.double() @ (q.double() * s.double()[:, None]).t()
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        ext.set_isa(-1)
+
+
+@pytest.mark.parametrize("rescale", [0, 2])
+@pytest.mark.parametrize("fold", [None, "bfloat16"])
+def test_switches_rescale_and_ln0_fold(ext, rescale, fold):
+    cfg = CONFIGS[0]
+    model, _ = make_model(cfg, seed=4)
+    model.config.rescale_every = rescale
+    model.fold_ln0(fold)
+    tokens = _tokens(cfg, 2, 5)
+    fused, sf = _run(model, tokens, "auto")
+    plain, sp = _run(model, tokens, "torch")
+    _assert_same(fused, sf, plain, sp)
+
+
+def test_logits_modes_and_input_state_untouched(ext):
+    cfg = CONFIGS[0]
+    model, _ = make_model(cfg)
+    tok = _tokens(cfg, 3, 1)
+    with torch.no_grad():
+        _, state = model(_tokens(cfg, 3, 4, seed=9))
+        before = state.clone()
+        full, s1 = model(tok, state)
+        last, s2 = model(tok, state, logits="last")
+        none, s3 = model(tok, state, logits="none")
+    assert full.shape == (3, 1, cfg.vocab_size) and torch.equal(full, last)
+    assert none is None and s1.allclose(s2, rtol=0, atol=0) and s1.allclose(s3, rtol=0, atol=0)
+    assert state.allclose(before, rtol=0, atol=0)
+
+
+def test_plan_follows_weight_changes(ext):
+    """The cached pointer table must notice new weights, in place or replaced."""
+    cfg = CONFIGS[1]
+    model, _ = make_model(cfg, seed=1)
+    other, sd2 = make_model(cfg, seed=2)
+    tokens = _tokens(cfg, 1, 4)
+    _run(model, tokens, "auto")
+    # In place (load_state_dict copies into the existing storage).
+    model.load_state_dict(sd2)
+    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"))
+    # A derived value's source edited in place: omega = -exp(time_decay).
+    with torch.no_grad():
+        model.blocks[1].att.time_decay.add_(0.5)
+        other.blocks[1].att.time_decay.add_(0.5)
+    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"))
+    # A Parameter replaced by a new one.
+    new = torch.nn.Parameter(torch.randn_like(model.head.weight))
+    model.head.weight = new
+    other.head.weight = torch.nn.Parameter(new.detach().clone())
+    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"))
+
+
+def test_steps_aside_for_autograd_and_other_dtypes(ext):
+    cfg = CONFIGS[2]
+    model, _ = make_model(cfg)
+    tok = _tokens(cfg, 2, 1)
+    # Gradients wanted: the PyTorch step runs and records a graph.
+    out, _ = model(tok)
+    assert out.requires_grad
+    out.sum().backward()
+    assert model.head.weight.grad is not None
+    # Float64 weights: no fused kernel, still the right answer.
+    m64 = RWKV(cfg)
+    m64.load_state_dict(model.state_dict())
+    m64.double().eval()
+    with torch.no_grad():
+        a, _ = m64(tok)
+        b, _ = model(tok)
+    assert (a - b).abs().max().item() < TOL
+
+
+def test_falls_back_without_the_extension(monkeypatch):
+    cfg = CONFIGS[0]
+    model, _ = make_model(cfg, seed=6)
+    tokens = _tokens(cfg, 2, 4)
+    with pytest.warns(RuntimeWarning, match="could not build the fused CPU decoder"):
+        assert infer_cpu.load_extension(force_fail=True) is None
+    monkeypatch.setattr(infer_cpu, "load_extension", lambda force_fail=False: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, sg = _run(model, tokens, "auto")
+    plain, sp = _run(model, tokens, "torch")
+    _assert_same(got, sg, plain, sp, tol=1e-6)
+    assert model._decode_plan is None  # the fused path never ran
