@@ -172,19 +172,43 @@ def read_index(path: "str | os.PathLike") -> tuple[Header, list[Record]]:
 
 
 # ------------------------------------------------------------------ dequantise
+_CHUNK = 4096  # blocks decoded at a time: keeps the temporaries in cache
+
+
 def _f16(col: np.ndarray) -> np.ndarray:
     """[n, 2] uint8 -> [n, 1] float32 from little-endian IEEE half."""
     return np.ascontiguousarray(col).view("<f2").astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """[n, 16] packed bytes -> [n, 32]: low nibbles are elements 0..15, high 16..31."""
+    """[n, 16] packed bytes -> [n, 32] uint8: low nibbles are elements 0..15, high 16..31."""
     return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
 
 
-def _high_bits(qh: np.ndarray) -> np.ndarray:
-    """[n, 4] bytes of a little-endian u32 -> [n, 32] with bit j of it in column j."""
-    return np.unpackbits(qh, axis=1, bitorder="little")
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """[n, 4] bytes of a little-endian u32 -> [n, 32] uint8 holding (bit j) << 4 in column j."""
+    return np.unpackbits(qh, axis=1, bitorder="little") << 4
+
+
+def _decode_blocks(blocks: np.ndarray, type_name: str, out: np.ndarray) -> None:
+    """[n, block bytes] -> ``out`` [n, 32] float32.  Integer work stays in 8 bits;
+    one multiply (and add) per element in float32, exact as in ggml."""
+    d = _f16(blocks[:, 0:2])
+    if type_name == "Q4_0":
+        np.multiply(_nibbles(blocks[:, 2:18]).view(np.int8) - np.int8(8), d, out=out)
+    elif type_name == "Q4_1":
+        np.multiply(_nibbles(blocks[:, 4:20]), d, out=out)
+        out += _f16(blocks[:, 2:4])
+    elif type_name == "Q5_0":
+        q = _nibbles(blocks[:, 6:22]) | _fifth_bits(blocks[:, 2:6])
+        np.multiply(q.view(np.int8) - np.int8(16), d, out=out)
+    elif type_name == "Q5_1":
+        np.multiply(_nibbles(blocks[:, 8:24]) | _fifth_bits(blocks[:, 4:8]), d, out=out)
+        out += _f16(blocks[:, 2:4])
+    elif type_name == "Q8_0":
+        np.multiply(np.ascontiguousarray(blocks[:, 2:34]).view(np.int8), d, out=out)
+    else:  # pragma: no cover - TYPES and this switch are kept in step
+        raise CheckpointError(f"no dequantizer for {type_name}")
 
 
 def dequantize(raw: np.ndarray, type_name: str, numel: int) -> np.ndarray:
@@ -195,7 +219,8 @@ def dequantize(raw: np.ndarray, type_name: str, numel: int) -> np.ndarray:
     Q4_0 ``(q - 8) d``, Q4_1 ``q d + m``, Q5_0 ``(q - 16) d``, Q5_1 ``q d + m``,
     Q8_0 ``q d``; in the 4/5-bit types byte j of ``qs`` holds element j in its
     low nibble and element j + 16 in its high nibble, and bit j of ``qh`` is
-    the fifth bit of element j.
+    the fifth bit of element j.  Every step is exact in float32 (small
+    integers times an fp16 scale), so the result equals ggml's bit for bit.
     """
     raw = np.asarray(raw, dtype=np.uint8).reshape(-1)
     if type_name == "FP32":
@@ -203,27 +228,12 @@ def dequantize(raw: np.ndarray, type_name: str, numel: int) -> np.ndarray:
     if type_name == "FP16":
         return raw.view("<f2").astype(np.float32)
     _, block, block_bytes = TYPES[TYPE_CODES[type_name]]
-    blocks = raw.reshape(numel // block, block_bytes)  # [n_blocks, bytes per block]
-    d = _f16(blocks[:, 0:2])
-    if type_name == "Q4_0":
-        q = _nibbles(blocks[:, 2:18]).astype(np.float32)
-        out = (q - 8.0) * d
-    elif type_name == "Q4_1":
-        m = _f16(blocks[:, 2:4])
-        out = _nibbles(blocks[:, 4:20]).astype(np.float32) * d + m
-    elif type_name == "Q5_0":
-        q = _nibbles(blocks[:, 6:22]) | (_high_bits(blocks[:, 2:6]) << 4)
-        out = (q.astype(np.float32) - 16.0) * d
-    elif type_name == "Q5_1":
-        m = _f16(blocks[:, 2:4])
-        q = _nibbles(blocks[:, 8:24]) | (_high_bits(blocks[:, 4:8]) << 4)
-        out = q.astype(np.float32) * d + m
-    elif type_name == "Q8_0":
-        q = np.ascontiguousarray(blocks[:, 2:34]).view(np.int8).astype(np.float32)
-        out = q * d
-    else:  # pragma: no cover - TYPES and this switch are kept in step
-        raise CheckpointError(f"no dequantizer for {type_name}")
-    return out.reshape(-1).astype(np.float32, copy=False)
+    n_blocks = numel // block
+    blocks = raw.reshape(n_blocks, block_bytes)  # [n_blocks, bytes per block]
+    out = np.empty((n_blocks, block), dtype=np.float32)
+    for i in range(0, n_blocks, _CHUNK):
+        _decode_blocks(blocks[i : i + _CHUNK], type_name, out[i : i + _CHUNK])
+    return out.reshape(-1)
 
 
 def read_tensor(mm: np.ndarray, rec: Record) -> np.ndarray:
