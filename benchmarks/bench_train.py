@@ -120,12 +120,17 @@ def cmd_speed(args) -> None:
         hopt.zero_grad(set_to_none=True)
 
     rows = []
+    tokens = B * T
     for name in args.backends.split(","):
         t = _time_steps(rwkv_step_fn(name), args.steps)
         rows.append((f"rwkvkit ({name})", t))
+        print(f"# rwkvkit ({name}): {t:.3f} s/step", flush=True)
     t_hf = _time_steps(hf_step, args.hf_steps)
     rows.append(("HF RwkvForCausalLM", t_hf))
-    tokens = B * T
+    # Measured again after the timed runs: the machine may be shared, and the
+    # ratio to the matmul rate should use a rate from the same period.
+    rate = min(rate, matmul_rate(B * T, cfg.n_embd, cfg.dim_ffn))
+    print(f"# fp32 matmul rate, lower of the measurements before and after: {rate:.1f} GFLOP/s")
     print(f"\n{'implementation':28s} {'s/step':>8s} {'tokens/s':>9s} {'model GFLOP/s':>14s} {'x matmul':>9s} {'x HF':>6s}")
     for name, t in rows:
         tps = tokens / t
