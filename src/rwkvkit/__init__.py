@@ -10,6 +10,8 @@ from .config import ModelConfig
 from .errors import CheckpointError, RwkvkitError, UnsupportedModelError
 from .model import RWKV
 from .state import State
+from .tokenizer import Tokenizer, load_tokenizer
+from .generate import SHIPPED_MODEL, generate  # noqa: E402  (the function shadows the module name)
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,10 @@ __all__ = [
     "State",
     "load",
     "save",
+    "load_tokenizer",
+    "Tokenizer",
+    "generate",
+    "SHIPPED_MODEL",
     "RwkvkitError",
     "CheckpointError",
     "UnsupportedModelError",

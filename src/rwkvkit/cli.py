@@ -20,6 +20,7 @@ from .errors import RwkvkitError
 COMMAND_MODULES = [
     "rwkvkit.commands.checkpoint",  # info, convert
     "rwkvkit.commands.train",  # prepare, train
+    "rwkvkit.commands.generate",  # generate, chat
 ]
 
 
