@@ -71,6 +71,15 @@ def mean_across(x: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item()) / info.world_size
 
 
+def sum_across(t: torch.Tensor, info: DistInfo, device: torch.device) -> torch.Tensor:
+    """Element-wise sum of a CPU tensor over all processes."""
+    if not info.enabled:
+        return t
+    d = t.to(device)
+    dist.all_reduce(d, op=dist.ReduceOp.SUM)
+    return d.cpu()
+
+
 def any_across(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every process if it is true on one (a stop request)."""
     if not info.enabled:

@@ -330,7 +330,9 @@ def evaluate(module, val: D.TokenData, cfg: TrainConfig, device, info: dist_util
         total += per_chunk.double().cpu() * len(batch)
         count += len(batch)
     module.train(was_training)
-    per = [dist_utils.mean_across(float(t) / max(count, 1), info, device) if count else float("nan") for t in total]
+    # Sums and counts over all processes (their shares may differ by one window).
+    sums = dist_utils.sum_across(torch.cat([total, torch.tensor([float(count)], dtype=torch.float64)]), info, device)
+    per = (sums[:-1] / sums[-1]).tolist()
     out = {"val_loss": float(np.mean(per))}
     if cfg.bptt_chunks > 1:
         out["val_loss_chunks"] = per
