@@ -137,3 +137,21 @@ def test_windows_are_a_function_of_the_step():
     assert a.min() >= 0 and a.max() <= 1000 - 17
     with pytest.raises(RwkvkitError, match="fewer than one window"):
         D.window_offsets(10, 17, 1, seed=0, step=0, micro=0)
+
+
+def test_20b_tokenizer_ids_match_tokenizers_library(tmp_path):
+    from tokenizers import Tokenizer
+
+    from conftest import shared_file
+
+    path = shared_file("tokenizers/20B_tokenizer.json")
+    docs = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void."]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = D.prepare([tmp_path / "d.jsonl"], tmp_path / "out", tokenizer=str(path), val_fraction=0.0, progress=False)
+    ref = Tokenizer.from_file(str(path))
+    expected = []
+    for d in docs:
+        expected += ref.encode(d).ids + [0]  # <|endoftext|> after each document
+    t = D.load_tokens(tmp_path / "out", "train")
+    assert list(t.tokens) == expected
+    assert meta["vocab_size"] == 50277 and meta["dtype"] == "uint16" and meta["separator"] == 0

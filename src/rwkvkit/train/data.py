@@ -85,11 +85,13 @@ def _tokenizer_info(tok, name: str) -> tuple[str, int, int | None]:
 
 
 def _encode(tok, data: bytes, where: str) -> np.ndarray:
-    if hasattr(tok, "encode_bytes"):
+    if isinstance(tok, ByteTokenizer):
         return tok.encode_bytes(data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if hasattr(tok, "encode_bytes"):  # byte-level vocabularies (World) take any bytes
+            return np.asarray(tok.encode_bytes(data), dtype=np.int64)
         raise RwkvkitError(f"{where} is not valid UTF-8 (byte {exc.start} of a chunk); use --tokenizer bytes for binary text") from None
     return np.asarray(tok.encode(text), dtype=np.int64)
 
