@@ -134,6 +134,16 @@ def test_quantized_rwkvcpp_against_gguf(qtype, fp32_4v0, tmp_path):
     par, rnn = _last_logits(model)
     d = (par - ref_logits).abs().max().item()
     print(f"{qtype} logits vs FP32: max |diff| {d:.3g}")
+    # rwkvkit's own quantizer (convert --to rwkvcpp --type) writes gguf's bytes.
+    ours = checkpoint.convert(shared_file("rwkvcpp/tiny-rwkv-4v0-660K-FP32.bin"), tmp_path / "ours.bin", "rwkvcpp", rwkvcpp_type=qtype)
+    _, our_records = rwkvcpp.read_index(ours)
+    their = {r.name: r for r in rwkvcpp.read_index(path)[1]}
+    mine, theirs = np.memmap(ours, dtype=np.uint8, mode="r"), np.memmap(path, dtype=np.uint8, mode="r")
+    for rec in our_records:
+        other = their[rec.name]
+        assert (rec.type_name, rec.shape) == (other.type_name, other.shape), rec.name
+        if rec.type_name == qtype:
+            assert np.array_equal(mine[rec.offset : rec.offset + rec.nbytes], theirs[other.offset : other.offset + other.nbytes]), rec.name
     assert (par - rnn).abs().max().item() < 1e-4
     # Loose: quantisation noise only (4-bit types perturb the logits by ~0.1).
     assert d < {"Q8_0": 0.05}.get(qtype, 0.6)
@@ -176,6 +186,25 @@ def test_real_rwkvcpp_q5_files_decode_within_one_step(model_name, qtype):
         assert bool((err <= bound + 1e-7).all()), f"{rec.name}: error {err.max().item()} exceeds the quantisation step"
         assert err.max().item() > 0  # really quantised
     assert n == 12 * (7 if model_name == "5v1-730K" else 8)  # 7 matrices a layer; 5.2 adds att.gate
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantizer_edge_blocks_match_gguf(qtype):
+    """Zero, constant, one-sign and exact-half blocks quantise to gguf's bytes."""
+    from gguf import GGMLQuantizationType, quants
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 96)).astype(np.float32)
+    x[0, :32] = 0
+    x[1, :32] = 1.5
+    x[2, :32] = -3
+    x[3, :16] = 0
+    x[4, :32] = np.round(rng.standard_normal(32) * 4) / 4
+    x[5] = np.abs(x[5])
+    got = rwkvcpp.quantize(x, qtype)
+    want = quants.quantize(x, GGMLQuantizationType[qtype])
+    assert got.shape == want.shape and np.array_equal(got, want)
+    assert np.array_equal(rwkvcpp.dequantize(got.reshape(-1), qtype, x.size).reshape(x.shape), quants.dequantize(want, GGMLQuantizationType[qtype]))
 
 
 def test_version_100_quantized_is_refused(tmp_path):

@@ -82,6 +82,19 @@ def test_convert_every_target(to, tmp_path, capsys):
     assert torch.equal(a, b) if to != "rwkvcpp" else (a - b).abs().max().item() < 1e-5
 
 
+def test_convert_to_quantized_rwkvcpp(tmp_path, capsys):
+    src = str(shared_file("rwkvcpp/tiny-rwkv-4v0-660K-FP32.bin"))
+    rc, _, err = _run(["convert", src, str(tmp_path / "q.bin"), "--to", "rwkvcpp", "--type", "Q8_0"], capsys)
+    assert rc == 0, err
+    rc, out, _ = _run(["info", str(tmp_path / "q.bin"), "--json"], capsys)
+    info = json.loads(out)
+    assert info["quantization"] == "Q8_0" and info["format_version"] == 101
+    # The 28 per-layer matrices (4 layers x 7) quantised; emb, head, vectors FP32.
+    assert info["tensor_types"] == {"Q8_0": 4 * (4 * 128 * 128 + 2 * 128 * 256 + 128 * 128), "FP32": 2 * 256 * 128 + 6144}
+    rc, _, err = _run(["convert", src, str(tmp_path / "h"), "--to", "hf", "--type", "Q8_0"], capsys)
+    assert rc == 1 and err.count("\n") == 1 and "only to --to rwkvcpp" in err
+
+
 def test_convert_dtype(tmp_path, capsys):
     torch.save(random_state_dict(CFG), tmp_path / "m.pth")
     assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "h.pth"), "--to", "pth", "--dtype", "bfloat16"]) == 0

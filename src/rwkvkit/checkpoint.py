@@ -695,7 +695,8 @@ def save_pth(model, path: "str | os.PathLike") -> Path:
 
 
 def save_rwkvcpp(model, path: "str | os.PathLike", type_name: str = "FP32") -> Path:
-    """Write an rwkv.cpp file (FP32 or FP16) as its own converter would, atomically."""
+    """Write an rwkv.cpp file as its converter (FP32, FP16) or its quantizer
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) would, atomically."""
     path = Path(path)
     _check_file_target(path)
     sd = _official_state_dict(model)
@@ -704,15 +705,27 @@ def save_rwkvcpp(model, path: "str | os.PathLike", type_name: str = "FP32") -> P
     return path
 
 
-def convert(src: "str | os.PathLike", dst: "str | os.PathLike", to: str, dtype: "str | torch.dtype | None" = None, progress: bool = False) -> Path:
+def convert(
+    src: "str | os.PathLike",
+    dst: "str | os.PathLike",
+    to: str,
+    dtype: "str | torch.dtype | None" = None,
+    rwkvcpp_type: "str | None" = None,
+    progress: bool = False,
+) -> Path:
     """Read ``src`` (any format), write ``dst`` in format ``to``, atomically.
 
-    Weights are copied unchanged unless ``dtype`` casts them.  For ``rwkvcpp``
-    the output type is FP16 when the weights are float16 (or ``dtype`` says
-    so), else FP32.
+    Weights are copied unchanged unless ``dtype`` casts them.  For ``rwkvcpp``,
+    ``rwkvcpp_type`` picks the tensor type (FP32, FP16, Q4_0, Q4_1, Q5_0,
+    Q5_1, Q8_0); by default FP16 when the weights are float16, else FP32.
     """
     if to not in TARGETS:
         raise CheckpointError(f"unknown output format {to!r}; expected one of {', '.join(TARGETS)}")
+    if rwkvcpp_type is not None:
+        if to != "rwkvcpp":
+            raise CheckpointError(f"an rwkv.cpp tensor type ({rwkvcpp_type}) applies only to --to rwkvcpp, not --to {to}")
+        if rwkvcpp_type not in rwkvcpp.TYPE_CODES:
+            raise CheckpointError(f"unknown rwkv.cpp type {rwkvcpp_type!r}; expected one of {', '.join(rwkvcpp.TYPE_CODES)}")
     dst = Path(dst)
     # Check the destination before the (possibly long) read.
     _check_folder_target(dst) if to in ("rwkvkit", "hf") else _check_file_target(dst)
@@ -723,4 +736,6 @@ def convert(src: "str | os.PathLike", dst: "str | os.PathLike", to: str, dtype: 
         return save_hf(model, dst)
     if to == "pth":
         return save_pth(model, dst)
-    return save_rwkvcpp(model, dst, "FP16" if model.dtype == torch.float16 else "FP32")
+    if rwkvcpp_type is None:
+        rwkvcpp_type = "FP16" if model.dtype == torch.float16 else "FP32"
+    return save_rwkvcpp(model, dst, rwkvcpp_type)

@@ -327,24 +327,94 @@ def write(
             fh.write(data)
 
 
+# ------------------------------------------------------------------- quantise
+def _to_f16_bytes(d: np.ndarray) -> np.ndarray:
+    return d.astype("<f2").view(np.uint8)  # [n, 1] -> [n, 2]
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """[n, 32] values 0..15 -> [n, 16] bytes, element j low and j + 16 high."""
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _quantize_blocks(x: np.ndarray, type_name: str) -> np.ndarray:
+    """[n, 32] float32 -> [n, block bytes] uint8, as ggml's reference quantisers.
+
+    The scale is computed in float32, its inverse applied in float32, values
+    truncated toward zero after the rounding offset (ggml's ``(int8_t)(v + .5)``)
+    and clamped; only then is the scale rounded to fp16 for storage.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if type_name in ("Q4_0", "Q5_0"):
+            levels = 8 if type_name == "Q4_0" else 16
+            signed_max = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)  # [n, 1]
+            d = signed_max / np.float32(-levels)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+            q = np.minimum(np.trunc(x * inv + np.float32(levels + 0.5)), 2 * levels - 1).astype(np.uint8)
+            head = [_to_f16_bytes(d)]
+        elif type_name in ("Q4_1", "Q5_1"):
+            levels = 15 if type_name == "Q4_1" else 31
+            lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+            d = (hi - lo) / np.float32(levels)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+            q = np.minimum(np.trunc((x - lo) * inv + np.float32(0.5)), levels).astype(np.uint8)
+            head = [_to_f16_bytes(d), _to_f16_bytes(lo)]
+        elif type_name == "Q8_0":
+            d = np.abs(x).max(axis=1, keepdims=True) / np.float32(127)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+            v = x * inv
+            q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8).view(np.uint8)  # roundf
+            return np.concatenate([_to_f16_bytes(d), q], axis=1)
+        else:
+            raise CheckpointError(f"cannot quantize to {type_name!r}; expected one of {', '.join(sorted(QUANTIZED))}")
+    if type_name in ("Q5_0", "Q5_1"):
+        qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")  # [n, 4]: bit j = fifth bit of element j
+        return np.concatenate(head + [qh, _pack_nibbles(q & 0x0F)], axis=1)
+    return np.concatenate(head + [_pack_nibbles(q)], axis=1)
+
+
+def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
+    """Code a float tensor as ggml blocks of ``type_name`` along its last axis.
+
+    Returns uint8 ``[..., last // 32 * block bytes]``, the bytes rwkv.cpp's
+    quantizer writes (version-101 layouts).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if type_name not in QUANTIZED:
+        raise CheckpointError(f"cannot quantize to {type_name!r}; expected one of {', '.join(sorted(QUANTIZED))}")
+    _, block, block_bytes = TYPES[TYPE_CODES[type_name]]
+    if x.shape[-1] % block:
+        raise CheckpointError(f"cannot quantize a tensor of shape {x.shape} to {type_name}: the last axis must be a multiple of {block}")
+    blocks = x.reshape(-1, block)  # [n_blocks, 32]
+    out = np.empty((len(blocks), block_bytes), dtype=np.uint8)
+    for i in range(0, len(blocks), _CHUNK):
+        out[i : i + _CHUNK] = _quantize_blocks(blocks[i : i + _CHUNK], type_name)
+    return out.reshape(*x.shape[:-1], x.shape[-1] // block * block_bytes)
+
+
 def write_state_dict(path: "str | os.PathLike", sd: Mapping[str, torch.Tensor], n_layer: int, type_name: str = "FP32") -> None:
     """Write an official-name RWKV-4 state dict as rwkv.cpp would convert it.
 
-    ``type_name`` is ``"FP32"`` or ``"FP16"``; as in rwkv.cpp's converter, only
-    tensors with two or more dimensions whose names lack ``.time_`` are stored
-    in FP16, everything else in FP32.
+    ``type_name`` is FP32, FP16 or a quantised type.  As in rwkv.cpp's
+    converter, FP16 applies only to tensors with two or more dimensions whose
+    names lack ``.time_``; as in its quantizer, a quantised type applies to
+    the per-layer matrices, while ``emb``, ``head`` and the vectors stay FP32.
     """
-    if type_name not in ("FP32", "FP16"):
-        raise CheckpointError(f"rwkv.cpp output type must be FP32 or FP16, got {type_name!r}")
+    if type_name not in TYPE_CODES:
+        raise CheckpointError(f"unknown rwkv.cpp type {type_name!r}; expected one of {', '.join(TYPE_CODES)}")
     cpp = from_official(sd)
     emb = cpp["emb.weight"]
 
     def records():
         for name, t in cpp.items():
-            t = t.detach().cpu()
-            half = type_name == "FP16" and t.dim() >= 2 and ".time_" not in name
-            arr = t.to(torch.float16 if half else torch.float32).contiguous().numpy()
-            yield name, "FP16" if half else "FP32", tuple(t.shape), arr.astype("<f2" if half else "<f4").tobytes()
+            arr = t.detach().cpu().float().contiguous().numpy()
+            matrix = t.dim() >= 2 and ".time_" not in name
+            if type_name in QUANTIZED and matrix and name not in ("emb.weight", "head.weight"):
+                yield name, type_name, tuple(t.shape), quantize(arr, type_name).tobytes()
+            elif type_name == "FP16" and matrix:
+                yield name, "FP16", tuple(t.shape), arr.astype("<f2").tobytes()
+            else:
+                yield name, "FP32", tuple(t.shape), arr.astype("<f4").tobytes()
 
     header = Header(VERSION, int(emb.shape[0]), int(emb.shape[1]), n_layer, TYPE_CODES[type_name])
     write(path, header, records())

@@ -25,6 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output: a folder for rwkvkit/hf, a file for pth/rwkvcpp")
     p.add_argument("--to", required=True, choices=["rwkvkit", "hf", "pth", "rwkvcpp"], help="output format")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast the weights (default: unchanged)")
+    p.add_argument(
+        "--type",
+        dest="rwkvcpp_type",
+        default=None,
+        choices=["FP32", "FP16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"],
+        help="rwkv.cpp tensor type, only with --to rwkvcpp (default: FP16 for float16 weights, else FP32); "
+        "quantised types apply to the per-layer matrices, as rwkv.cpp's quantizer does",
+    )
     p.set_defaults(func=run_convert)
 
 
@@ -72,6 +80,6 @@ def run_info(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from ..checkpoint import convert
 
-    out = convert(args.src, args.dst, args.to, dtype=args.dtype, progress=True)
+    out = convert(args.src, args.dst, args.to, dtype=args.dtype, rwkvcpp_type=args.rwkvcpp_type, progress=True)
     print(f"wrote {out} ({args.to})")
     return 0
