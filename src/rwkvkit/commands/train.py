@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "with - or _); flags given on the command line win."
         ),
     )
-    t.add_argument("--config", default=None, help="a .json or .toml file of options (a toml file may use a [train] table)")
+    t.add_argument("--config", default=None, metavar="FILE", help="a .json or .toml file of options (a toml file may use a [train] table)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     titles = {"data": "data and output", "model": "model", "tuning": "fine-tuning", "batch": "windows and batches",
               "optim": "optimiser and schedule", "speed": "device and speed", "run": "run control"}
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw["type"] = type(default)
-            kw["metavar"] = {"int": "N", "float": "X", "str": "S"}[type(default).__name__]
+            kw["metavar"] = f.metadata.get("metavar") or {"int": "N", "float": "X", "str": "S"}[type(default).__name__]
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
                 kw.pop("metavar")

@@ -23,8 +23,8 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # ------------------------------------------------------------- data / output
-    data: str = _f("", "prepared token folder (from `rwkvkit prepare`) or a Megatron binidx pair", group="data")
-    out: str = _f("", "output folder: checkpoints/, model/, metrics.jsonl, loss.png", group="data")
+    data: str = _f("", "prepared token folder (from `rwkvkit prepare`) or a Megatron binidx pair", group="data", metavar="PATH")
+    out: str = _f("", "output folder: checkpoints/, model/, metrics.jsonl, loss.png", group="data", metavar="DIR")
     vocab_size: int = _f(0, "vocabulary size; only needed for binidx data (prepared data records it)", group="data")
     # -------------------------------------------------------------------- model
     n_layer: int = _f(6, "blocks of a model trained from scratch", group="model")
@@ -32,7 +32,7 @@ class TrainConfig:
     dim_att: int = _f(0, "time-mix width (0 = n_embd)", group="model")
     dim_ffn: int = _f(0, "channel-mix hidden width (0 = 4 n_embd)", group="model")
     emb_init: str = _f("uniform", "embedding init: uniform U(+-1e-4) (paper), normal, orthogonal (v4 trainer)", group="model", choices=("uniform", "normal", "orthogonal"))
-    init_from: str = _f("", "start from this checkpoint (any format rwkvkit.load reads) instead of the paper's init", group="model")
+    init_from: str = _f("", "start from this checkpoint (any format rwkvkit.load reads) instead of the paper's init", group="model", metavar="CHECKPOINT")
     # ------------------------------------------------------------------- tuning
     tune: str = _f("full", "what to train: full (all weights), lora (peft adapters), state (only the initial RNN state)", group="tuning", choices=("full", "lora", "state"))
     lora_r: int = _f(8, "LoRA rank", group="tuning")
@@ -42,6 +42,7 @@ class TrainConfig:
         "att.key,att.value,att.receptance,att.output,ffn.key,ffn.value,ffn.receptance",
         "comma-separated Linear layers (name suffixes) that get LoRA adapters",
         group="tuning",
+        metavar="NAMES",
     )
     merge_lora: bool = _f(False, "at the end, merge the adapters and write a plain checkpoint to OUT/model", group="tuning")
     # --------------------------------------------------------------------- data
@@ -65,11 +66,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", group="optim")
     l2wrap: float = _f(1e-4, "factor of the L2Wrap auxiliary gradient on the largest logit (0 = off)", group="optim")
     # -------------------------------------------------------------------- speed
-    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", group="speed")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)", group="speed", metavar="DEVICE")
     precision: str = _f("auto", "fp32, or bf16 autocast; auto = bf16 on CUDA GPUs that support it, fp32 on CPU", group="speed", choices=("auto", "fp32", "bf16"))
     grad_checkpoint: bool = _f(False, "recompute time-mix and channel-mix activations in the backward pass (less memory, about a third more compute)", group="speed")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)", group="speed")
-    wkv_backend: str = _f("auto", "WKV implementation: auto, cpu, torch, cuda, reference", group="speed")
+    wkv_backend: str = _f("auto", "WKV implementation: auto, cpu, torch, cuda, reference", group="speed", metavar="NAME")
     # ----------------------------------------------------------------- schedule
     seed: int = _f(0, "seed of the initial weights and of the data order", group="run")
     val_every: int = _f(100, "steps between validation passes (0 = only at the end)", group="run")
