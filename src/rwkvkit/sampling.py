@@ -174,7 +174,15 @@ def kept_mask(
     keep = torch.ones_like(probs, dtype=torch.bool)
     if top_p < 1.0 or rwkv_top_p_quirk:
         sorted_probs, _ = torch.sort(probs, dim=-1, descending=True)
-        cum = torch.cumsum(sorted_probs, dim=-1)
+        if rwkv_top_p_quirk and probs.device.type == "cpu" and probs.dtype == torch.float32:
+            # The package sums in float32 with numpy, one element after the
+            # other; torch.cumsum rounds differently, and the quirk lives in
+            # that rounding.
+            import numpy as np
+
+            cum = torch.from_numpy(np.cumsum(sorted_probs.numpy(), axis=-1))
+        else:
+            cum = torch.cumsum(sorted_probs, dim=-1)
         reached = cum >= top_p
         # First index where the mass reaches top_p (argmax of a bool row gives
         # the first True; 0 when there is none, which is the package's quirk).
