@@ -69,7 +69,9 @@ _Pragma("omp simd")
       aa[i] = e1 * aa[i] + e2 * vv;
       bb[i] = e1 * bb[i] + e2;
       pp[i] = q;
-      if (SAVE) jj[i] = kk > d ? t : jj[i];
+      // A tie in floating point means the later token is (barely) the
+      // larger one, since the earlier one has decayed for longer.
+      if (SAVE) jj[i] = kk >= d ? t : jj[i];
     }
   }
   for (int64_t i = 0; i < n; ++i) {
