@@ -272,6 +272,29 @@ def test_pth_logits_equal_in_memory_model(dtype, prefix, tmp_path):
         assert torch.equal(model(tokens)[0], ref(tokens)[0])
 
 
+def test_mixed_dtype_pth_keeps_fp32_decays(tmp_path):
+    """bf16 weights with fp32 time_decay/time_first: loaded and re-saved as stored."""
+    sd = random_state_dict(CFG, seed=16, dtype=torch.bfloat16)
+    fp32 = random_state_dict(CFG, seed=16)
+    for k in sd:
+        if k.endswith(("time_decay", "time_first")):
+            sd[k] = fp32[k]
+    torch.save(sd, tmp_path / "mixed.pth")
+    model = rwkvkit.load(tmp_path / "mixed.pth")
+    assert model.dtype == torch.bfloat16 and model.blocks[3].att.time_decay.dtype == torch.float32
+    checkpoint.save_pth(model, tmp_path / "again.pth")
+    _assert_same_sd(sd, torch.load(tmp_path / "again.pth", weights_only=True))
+    assert rwkvkit.load(tmp_path / "mixed.pth", dtype="bfloat16").blocks[3].att.time_decay.dtype == torch.bfloat16
+    ref, _ = make_model(CFG, seed=16, dtype=torch.bfloat16)
+    for block in ref.blocks:
+        block.att.time_decay.data = block.att.time_decay.data.float()
+        block.att.time_first.data = block.att.time_first.data.float()
+    ref.load_state_dict(sd)
+    tokens = _tokens(CFG)
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], ref(tokens)[0])
+
+
 def test_pth_rebuilt_from_rwkvcpp_gives_the_same_logits(tmp_path):
     """The official .pth that rwkv.cpp's FP32 file was converted from, rebuilt
     here by hand (time_decay = log(-stored), time_mix (1, 1, C))."""

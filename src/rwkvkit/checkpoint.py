@@ -519,8 +519,9 @@ def load(
     """Load an RWKV-4 checkpoint of any supported format; returns an
     :class:`~rwkvkit.model.RWKV` in eval mode.
 
-    ``dtype`` casts every weight (default: the file's float dtype; quantised
-    rwkv.cpp weights become float32).  ``rescale_every`` and ``ln0_fold_dtype``
+    ``dtype`` casts every weight.  By default the weights keep the file's
+    float dtype (the one most values have; rwkv.cpp files load as float32),
+    and ``time_decay``/``time_first`` stored in float32 stay float32.  ``rescale_every`` and ``ln0_fold_dtype``
     set the numerical conventions of :class:`~rwkvkit.config.ModelConfig`;
     unset, an rwkvkit folder keeps the values it was saved with and every other
     format gets 0 and None (HF's ``rescale_every`` is not taken from its
@@ -544,9 +545,18 @@ def load(
     if rescale_every is not None:
         cfg.rescale_every = rescale_every
     cfg.ln0_fold_dtype = None  # folded below, once the weights are in
+    keep_fp32 = target is None
     if target is None:
         target = ck.default_dtype
-    sd = {k: v.to(target).contiguous() for k, v in ck.tensors.items()}
+    sd = {}
+    for k, v in ck.tensors.items():
+        # Without an explicit dtype, decays and bonuses stored in fp32 stay fp32
+        # (the WKV operator runs in fp32 anyway): casting them would change
+        # what the file says for nothing.
+        if keep_fp32 and v.dtype == torch.float32 and k.endswith((".att.time_decay", ".att.time_first")):
+            sd[k] = v.contiguous()
+        else:
+            sd[k] = v.to(target).contiguous()
     # Built on the meta device and filled by assignment: no second copy of the
     # weights, and memory-mapped tensors stay mapped until first written.
     with torch.device("meta"):
