@@ -22,6 +22,15 @@ from rwkvkit.sampling import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: a second thread only adds synchronisation.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _pip_distribution(monkeypatch, logits: torch.Tensor, **kw) -> np.ndarray:
     """The probabilities the package hands to its draw (CPU path), captured."""
     import rwkv.utils as U
