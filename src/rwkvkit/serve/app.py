@@ -1,0 +1,506 @@
+"""The HTTP side: OpenAI-compatible endpoints on FastAPI.
+
+``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``
+(``stream: true`` answers with server-sent events in OpenAI's chunk format),
+``GET /health`` and ``GET /metrics``.  Every error, including malformed JSON,
+unknown fields and limits, is answered with OpenAI's error body
+``{"error": {"message", "type", "param", "code"}}`` and a 4xx status (5xx only
+for a failure of the server itself, without a traceback).
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from ..errors import RwkvkitError
+from ..sampling import SamplingConfig
+from .engine import Engine, EngineStopped, GenRequest, QueueFull
+
+_log = logging.getLogger("rwkvkit.serve")
+
+# How often a waiting non-streaming handler checks that its client is still there.
+DISCONNECT_POLL_S = 0.25
+# Bodies larger than this are refused before they are parsed.
+MAX_BODY_BYTES = 8 * 2**20
+
+
+def _require_fastapi():
+    try:
+        import fastapi  # noqa: F401
+        import pydantic  # noqa: F401
+    except ImportError:
+        raise RwkvkitError(
+            "serving needs FastAPI and uvicorn: pip install 'rwkvkit[serve]' (or pip install fastapi uvicorn)"
+        ) from None
+
+
+# ------------------------------------------------------------------ chat format
+@dataclass
+class ChatTemplate:
+    """How chat messages become a prompt (the RWKV convention):
+
+        System: {system}\\n\\nUser: {user}\\n\\nAssistant: {reply}\\n\\nUser: ...\\n\\nAssistant:
+
+    Message text is stripped and blank lines inside it become single newlines,
+    so the separator only ever ends a turn; generation stops at the separator
+    or at a new user line.
+    """
+
+    user: str = "User"
+    assistant: str = "Assistant"
+    system: str = "System"
+    separator: str = "\n\n"
+
+    def name(self, role: str) -> str:
+        return {"user": self.user, "assistant": self.assistant, "system": self.system, "developer": self.system}[role]
+
+    def clean(self, text: str) -> str:
+        text = text.replace("\r\n", "\n").strip()
+        return re.sub(r"\n{2,}", "\n", text) if self.separator == "\n\n" else text
+
+    def segments(self, messages: list[tuple[str, str]]) -> list[str]:
+        """The prompt as one string per message, then the assistant's cue."""
+        segs = [f"{self.name(role)}: {self.clean(text)}{self.separator}" for role, text in messages]
+        return segs + [f"{self.assistant}:"]
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.separator, f"\n{self.user}:")
+
+
+# ----------------------------------------------------------------- app factory
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: ChatTemplate | None = None):
+    """The FastAPI application serving ``engine`` under the name ``model_name``.
+
+    The engine is started and stopped with the application (its lifespan).
+    """
+    _require_fastapi()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    template = chat_template or ChatTemplate()
+    tok = engine.tok
+    created = int(time.time())
+
+    # ------------------------------------------------------------- schemas
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class StreamOptions(Strict):
+        include_usage: bool = False
+        continuous_usage_stats: bool = False
+
+    class Sampling(Strict):
+        model: str
+        max_tokens: int | None = Field(default=None, ge=1)
+        temperature: float = Field(default=1.0, ge=0, le=2)
+        top_p: float = Field(default=1.0, ge=0, le=1)
+        n: int = Field(default=1, ge=1)
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        stop: str | list[str] | None = None
+        presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+        frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+        seed: int | None = None
+        user: str | None = None
+        # rwkvkit extensions (send them with the openai client's extra_body).
+        top_k: int = Field(default=0, ge=0)
+        min_p: float = Field(default=0.0, ge=0, le=1)
+
+    class CompletionBody(Sampling):
+        prompt: Union[str, list[str], list[int]]
+        echo: bool = False
+        logprobs: None = None
+        best_of: int | None = None
+        suffix: None = None
+
+    class ContentPart(Strict):
+        type: Literal["text"]
+        text: str
+
+    class Message(Strict):
+        role: Literal["system", "developer", "user", "assistant"]
+        content: Union[str, list[ContentPart], None] = None
+        name: str | None = None
+
+    class ChatBody(Sampling):
+        messages: list[Message] = Field(min_length=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+        logprobs: Literal[False] | None = None
+
+    # -------------------------------------------------------------- errors
+    class ApiError(Exception):
+        def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+            self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None):
+        body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="rwkvkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            msg = "the request body is not valid JSON: " + str(first.get("ctx", {}).get("error", first.get("msg")))
+            return error_response(400, msg, "invalid_request_error")
+        if first.get("type") == "extra_forbidden":
+            msg = f"unknown field '{'.'.join(loc)}' (not supported by this server)"
+        elif first.get("type") == "missing":
+            msg = f"missing required field '{'.'.join(loc)}'"
+        else:
+            msg = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
+        if len(errs) > 1:
+            msg += f" (and {len(errs) - 1} more problem{'s' if len(errs) > 2 else ''})"
+        return error_response(400, msg, "invalid_request_error", ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        kinds = {404: "not_found_error", 405: "invalid_request_error", 401: "authentication_error"}
+        message = exc.detail if isinstance(exc.detail, str) else "error"
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        return error_response(exc.status_code, message, kinds.get(exc.status_code, "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):
+        _log.exception("unexpected error while serving %s", request.url.path)
+        return error_response(500, "internal server error", "server_error")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if api_key is not None:
+            got = request.headers.get("authorization", "")
+            scheme, _, value = got.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), api_key.encode()):
+                return error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
+        try:
+            return await call_next(request)
+        except Exception:  # errors escaping the handlers: never a traceback to the client
+            _log.exception("unexpected error while serving %s", request.url.path)
+            return error_response(500, "internal server error", "server_error")
+
+    # ----------------------------------------------------------- helpers
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ApiError(404, f"the model '{name}' does not exist; this server serves '{model_name}'", "not_found_error", "model", "model_not_found")
+
+    def build_request(body: Sampling, ids: list[int], stops: tuple[str, ...], max_tokens: int | None, snapshots=()) -> GenRequest:
+        user_stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(user_stops) > 4:
+            raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
+        if any(s == "" for s in user_stops):
+            raise ApiError(400, "stop: stop sequences must be non-empty", param="stop")
+        sampling = SamplingConfig(
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            # OpenAI's penalties count every earlier occurrence without decay.
+            penalty_decay=1.0,
+        )
+        limit = engine.config.max_tokens_limit
+        mt = max_tokens if max_tokens is not None else min(limit, 256)
+        if mt > limit:
+            raise ApiError(400, f"max_tokens is {mt}, this server allows at most {limit}", param="max_tokens")
+        if len(ids) > engine.config.max_prompt_tokens:
+            raise ApiError(
+                400, f"the prompt has {len(ids)} tokens, this server accepts at most {engine.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded"
+            )
+        if body.n > engine.config.max_batch:
+            raise ApiError(400, f"n is {body.n}, this server allows at most {engine.config.max_batch}", param="n")
+        return GenRequest(
+            ids=ids,
+            sampling=sampling,
+            max_tokens=mt,
+            emit=lambda e: None,
+            n=body.n,
+            stop=tuple(stops) + tuple(user_stops),
+            stop_tokens=frozenset([tok.eos_id]) if tok.eos_id is not None else frozenset(),
+            seed=body.seed,
+            snapshots=tuple(snapshots),
+        )
+
+    def submit(req: GenRequest) -> asyncio.Queue:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: dict) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                req.cancel()
+
+        req.emit = emit
+        try:
+            engine.submit(req)
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from None
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), "service_unavailable") from None
+        except RwkvkitError as exc:
+            raise ApiError(400, str(exc)) from None
+        return queue
+
+    async def events(req: GenRequest, queue: asyncio.Queue, request: Request | None):
+        """Yield the engine's events until every choice is done; a client that
+        goes away (non-streaming: polled) cancels the request."""
+        done = 0
+        while done < req.n:
+            if request is None:
+                event = await queue.get()
+            else:
+                try:
+                    event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        req.cancel()
+                        return
+                    continue
+            if event["type"] == "error":
+                raise ApiError(503 if "shutting down" in event["message"] else 500, event["message"], "server_error")
+            if event["type"] == "done":
+                done += 1
+            yield event
+
+    def usage(req: GenRequest, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": len(req.ids),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(req.ids) + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": req.cached_tokens},
+        }
+
+    def sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    async def body_of(request: Request, cls):
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+    def streaming(gen, req: GenRequest):
+        async def wrapped():
+            try:
+                async for chunk in gen:
+                    yield chunk
+            except ApiError as exc:
+                yield sse({"error": {"message": exc.message, "type": exc.type, "param": None, "code": exc.code}})
+            finally:
+                # Normal end: a no-op.  Client gone: the generator is closed
+                # here and the sequence leaves the batch at the next step.
+                req.cancel()
+
+        return StreamingResponse(wrapped(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ----------------------------------------------------------- endpoints
+    @app.get("/health")
+    async def health():
+        ok = engine.running
+        body = {"status": "ok" if ok else "unavailable", "model": model_name}
+        if not ok and engine.error:
+            body["error"] = engine.error
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return engine.stats()
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "rwkvkit"}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str):
+        check_model(name)
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "rwkvkit"}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await body_of(request, CompletionBody)
+        check_model(body.model)
+        if body.best_of not in (None, body.n):
+            raise ApiError(400, "best_of is not supported (leave it out or equal to n)", param="best_of")
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise ApiError(400, "send one prompt per request (a list of several prompts is not supported)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if prompt == "":
+                raise ApiError(400, "the prompt is empty", param="prompt")
+            ids, prompt_text = tok.encode(prompt), prompt
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise ApiError(400, "the prompt is empty", param="prompt")
+            bad = [t for t in ids if not 0 <= t < tok.vocab_size]
+            if bad:
+                raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary 0..{tok.vocab_size - 1}", param="prompt")
+            prompt_text = tok.decode(ids)
+        req = build_request(body, ids, (), body.max_tokens)
+        queue = submit(req)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prefix = prompt_text if body.echo else ""
+
+        def chunk(index: int, text: str, finish=None) -> dict:
+            return {
+                "id": rid, "object": "text_completion", "created": now, "model": model_name,
+                "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}],
+            }
+
+        if body.stream:
+            async def gen():
+                total = 0
+                if prefix:
+                    for i in range(req.n):
+                        yield sse(chunk(i, prefix))
+                async for ev in events(req, queue, None):
+                    if ev["type"] == "text":
+                        yield sse(chunk(ev["index"], ev["text"]))
+                    elif ev["type"] == "done":
+                        total += ev["completion_tokens"]
+                        yield sse(chunk(ev["index"], "", ev["finish_reason"]))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": [], "usage": usage(req, total)})
+                yield "data: [DONE]\n\n"
+
+            return streaming(gen(), req)
+
+        texts = [[prefix] for _ in range(req.n)]
+        reasons: list[str | None] = [None] * req.n
+        total = 0
+        try:
+            async for ev in events(req, queue, request):
+                if ev["type"] == "text":
+                    texts[ev["index"]].append(ev["text"])
+                elif ev["type"] == "done":
+                    reasons[ev["index"]] = ev["finish_reason"]
+                    total += ev["completion_tokens"]
+        finally:
+            req.cancel()
+        return {
+            "id": rid, "object": "text_completion", "created": now, "model": model_name,
+            "choices": [{"index": i, "text": "".join(texts[i]), "logprobs": None, "finish_reason": reasons[i]} for i in range(req.n)],
+            "usage": usage(req, total),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await body_of(request, ChatBody)
+        check_model(body.model)
+        if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(400, "give max_tokens or max_completion_tokens, not both with different values", param="max_tokens")
+        msgs = []
+        for m in body.messages:
+            text = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
+            msgs.append((m.role, text))
+        segments = template.segments(msgs)
+        ids: list[int] = []
+        snapshots = []
+        for seg in segments:
+            ids.extend(tok.encode(seg))
+            snapshots.append(len(ids))
+        # Snapshots at the end of every message: a later turn of the same
+        # conversation, or another conversation with the same system prompt,
+        # starts from one of them.
+        req = build_request(body, ids, template.stops(), body.max_completion_tokens or body.max_tokens, snapshots[:-1])
+        queue = submit(req)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(index: int, delta: dict, finish=None) -> dict:
+            return {
+                "id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+
+        # The model writes "Assistant: reply": the space after the colon is
+        # part of the format, not of the reply.
+        started = [False] * req.n
+
+        def content(index: int, text: str) -> str:
+            if not started[index]:
+                text = text.lstrip()
+                started[index] = bool(text)
+            return text
+
+        if body.stream:
+            async def gen():
+                total = 0
+                for i in range(req.n):
+                    yield sse(chunk(i, {"role": "assistant", "content": ""}))
+                async for ev in events(req, queue, None):
+                    if ev["type"] == "text":
+                        text = content(ev["index"], ev["text"])
+                        if text:
+                            yield sse(chunk(ev["index"], {"content": text}))
+                    elif ev["type"] == "done":
+                        total += ev["completion_tokens"]
+                        yield sse(chunk(ev["index"], {}, ev["finish_reason"]))
+                if body.stream_options and body.stream_options.include_usage:
+                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name, "choices": [], "usage": usage(req, total)})
+                yield "data: [DONE]\n\n"
+
+            return streaming(gen(), req)
+
+        texts: list[list[str]] = [[] for _ in range(req.n)]
+        reasons: list[str | None] = [None] * req.n
+        total = 0
+        try:
+            async for ev in events(req, queue, request):
+                if ev["type"] == "text":
+                    texts[ev["index"]].append(content(ev["index"], ev["text"]))
+                elif ev["type"] == "done":
+                    reasons[ev["index"]] = ev["finish_reason"]
+                    total += ev["completion_tokens"]
+        finally:
+            req.cancel()
+        return {
+            "id": rid, "object": "chat.completion", "created": now, "model": model_name,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])}, "logprobs": None, "finish_reason": reasons[i]}
+                for i in range(req.n)
+            ],
+            "usage": usage(req, total),
+        }
+
+    return app
