@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "rwkvkit.commands.checkpoint",  # info, convert
     "rwkvkit.commands.train",  # prepare, train
     "rwkvkit.commands.generate",  # generate, chat
+    "rwkvkit.commands.serve",  # serve
 ]
 
 
