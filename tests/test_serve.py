@@ -1,0 +1,341 @@
+"""The HTTP server, spoken to with the official `openai` client over loopback.
+
+The model is a small random byte-level RWKV-4 whose output head is biased to
+printable ASCII and newline (so generated text survives a round trip through
+UTF-8, which stop strings and follow-up turns need).  Expected outputs come
+from rwkvkit.generate (a separate implementation of decoding that runs one
+prompt at a time) or from a plain token-by-token loop written here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from rwkvkit.config import ModelConfig  # noqa: E402
+from rwkvkit.generate import complete  # noqa: E402
+from rwkvkit.init import random_state_dict  # noqa: E402
+from rwkvkit.model import RWKV  # noqa: E402
+from rwkvkit.serve import Engine, EngineConfig, create_app, make_server  # noqa: E402
+from rwkvkit.tokenizer import ByteTokenizer  # noqa: E402
+
+NAME = "tiny-test"
+
+
+def _printable_model(seed: int = 1) -> RWKV:
+    cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=256)
+    sd = random_state_dict(cfg, seed=seed)
+    # ln_out's bias puts a large constant in channel 0 of every final hidden
+    # state; head rows outside printable ASCII + "\n" read it with a negative
+    # weight, so their logits are about -90 and are never chosen.
+    sd["ln_out.bias"][0] = 30.0
+    allowed = torch.zeros(256, dtype=torch.bool)
+    allowed[32:127] = True
+    allowed[10] = True
+    sd["head.weight"][:, 0] = torch.where(allowed, torch.zeros(256), torch.full((256,), -3.0))
+    model = RWKV(cfg)
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _printable_model()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer()
+
+
+@contextlib.contextmanager
+def serving(model, tok, api_key=None, **engine_kw):
+    """A server on 127.0.0.1 (a free port) in a thread; yields (base_url, engine)."""
+    engine = Engine(model, tok, EngineConfig(**engine_kw))
+    app = create_app(engine, NAME, api_key=api_key)
+    server, sock = make_server(app, "127.0.0.1", 0, "warning")
+    port = sock.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def client(base, key="unused"):
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    with serving(model, tok, max_batch=16, max_queue=32, max_prompt_tokens=512, max_tokens_limit=300) as s:
+        yield s
+
+
+def _greedy_alone(model, tok, prompt, n, **kw):
+    return complete(model, tok, prompt, max_tokens=n, temperature=0, **kw)[0]
+
+
+# --------------------------------------------------------------- endpoints
+def test_models_health_metrics(server):
+    base, _ = server
+    c = client(base)
+    assert [m.id for m in c.models.list().data] == [NAME]
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+    m = httpx.get(base + "/metrics").json()
+    for key in ("requests_total", "tokens_per_second", "batch_occupancy", "prefix_cache"):
+        assert key in m
+    assert "hit_rate" in m["prefix_cache"]
+
+
+def test_completion_greedy_equals_generate(server, model, tok):
+    c = client(server[0])
+    prompt = "The quick brown fox"
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=40, temperature=0)
+    ref = _greedy_alone(model, tok, prompt, 40)
+    assert r.choices[0].text == ref.text
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == len(prompt.encode())
+    assert r.usage.completion_tokens == 40
+    assert r.usage.total_tokens == len(prompt.encode()) + 40
+    # Token-id prompts and echo.
+    r2 = c.completions.create(model=NAME, prompt=list(prompt.encode()), max_tokens=40, temperature=0, echo=True)
+    assert r2.choices[0].text == prompt + ref.text
+
+
+def test_seeded_sampling_n_choices_equal_generate(server, model, tok):
+    c = client(server[0])
+    prompt = "Once upon a time"
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=30, temperature=0.9, top_p=0.9, n=3, seed=11)
+    # rwkvkit.generate seeds batch row i with seed + i, as the server does choice i.
+    ref = complete(model, tok, [prompt] * 3, max_tokens=30, temperature=0.9, top_p=0.9, seed=11)
+    assert [ch.text for ch in sorted(r.choices, key=lambda ch: ch.index)] == [x.text for x in ref]
+    assert len({ch.text for ch in r.choices}) > 1
+    assert r.usage.completion_tokens == 90
+    again = c.completions.create(model=NAME, prompt=prompt, max_tokens=30, temperature=0.9, top_p=0.9, n=3, seed=11)
+    assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]
+
+
+def test_penalties_equal_reference_loop(server, model, tok):
+    c = client(server[0])
+    prompt, presence, frequency, n = "abc abc abc", 0.7, 0.4, 30
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=n, temperature=0, presence_penalty=presence, frequency_penalty=frequency)
+    # OpenAI's definition: logit - presence * [count > 0] - frequency * count,
+    # counting the generated tokens.
+    with torch.no_grad():
+        logits, state = model(torch.tensor([list(prompt.encode())]), logits="last")
+        counts = torch.zeros(256)
+        out = []
+        for _ in range(n):
+            lg = logits[0, -1] - presence * (counts > 0).float() - frequency * counts
+            t = int(lg.argmax())
+            out.append(t)
+            counts[t] += 1
+            logits, state = model(torch.tensor([[t]]), state, logits="last")
+    assert r.choices[0].text == bytes(out).decode()
+    plain = c.completions.create(model=NAME, prompt=prompt, max_tokens=n, temperature=0)
+    assert plain.choices[0].text != r.choices[0].text
+
+
+def test_streaming_equals_non_streaming(server):
+    c = client(server[0])
+    kw = dict(model=NAME, prompt="Streaming test", max_tokens=50, temperature=0)
+    full = c.completions.create(**kw)
+    chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == full.choices[0].text
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].text) > 5  # really streamed
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == ["length"]
+    assert chunks[-1].usage.completion_tokens == 50 and chunks[-1].usage.prompt_tokens == len(b"Streaming test")
+
+
+def test_stop_strings(server, model, tok):
+    c = client(server[0])
+    prompt = "Stop here"
+    base = c.completions.create(model=NAME, prompt=prompt, max_tokens=60, temperature=0).choices[0].text
+    stop = base[20:23]
+    want = base[: base.find(stop)]
+    assert _greedy_alone(model, tok, prompt, 60, stop=(stop,)).text == want
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=60, temperature=0, stop=[stop, "never-there"])
+    assert r.choices[0].text == want
+    assert r.choices[0].finish_reason == "stop"
+    streamed = list(c.completions.create(model=NAME, prompt=prompt, max_tokens=60, temperature=0, stop=stop, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == want
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_format_and_stream(server, model, tok):
+    c = client(server[0])
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\n\nthere"}]
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0)
+    rendered = "System: Be brief.\n\nUser: Hello\nthere\n\nAssistant:"
+    ref = _greedy_alone(model, tok, rendered, 40, stop=("\n\n", "\nUser:"))
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.text.lstrip()
+    assert r.choices[0].finish_reason == ("stop" if ref.finish_reason == "stop" else "length")
+    assert r.usage.prompt_tokens == len(rendered.encode())
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=40, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == r.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_prefix_cache_follow_up_turn(server, model, tok):
+    base, engine = server
+    c = client(base)
+    before = engine.cache.stats()
+    # A completion, then the same text continued: the state after the prompt
+    # and its generated tokens is reused.
+    p1 = "A long shared beginning of a document. "
+    t1 = c.completions.create(model=NAME, prompt=p1, max_tokens=25, temperature=0).choices[0].text
+    p2 = p1 + t1 + " And then"
+    r2 = c.completions.create(model=NAME, prompt=p2, max_tokens=20, temperature=0)
+    assert r2.usage.prompt_tokens_details.cached_tokens == len((p1 + t1).encode())
+    assert r2.choices[0].text == _greedy_alone(model, tok, p2, 20).text
+    # A follow-up chat turn starts from the cached first turn.
+    turn1 = [{"role": "system", "content": "A system prompt shared by every conversation."}, {"role": "user", "content": "First question?"}]
+    a1 = c.chat.completions.create(model=NAME, messages=turn1, max_tokens=20, temperature=0)
+    assert a1.usage.prompt_tokens_details.cached_tokens == 0
+    turn2 = turn1 + [{"role": "assistant", "content": a1.choices[0].message.content}, {"role": "user", "content": "Second?"}]
+    a2 = c.chat.completions.create(model=NAME, messages=turn2, max_tokens=20, temperature=0)
+    assert a2.usage.prompt_tokens_details.cached_tokens >= a1.usage.prompt_tokens
+    rendered = "".join(
+        f"{name}: {text}\n\n"
+        for name, text in (("System", turn1[0]["content"]), ("User", "First question?"), ("Assistant", a1.choices[0].message.content), ("User", "Second?"))
+    ) + "Assistant:"
+    ref = _greedy_alone(model, tok, rendered, 20, stop=("\n\n", "\nUser:"))
+    assert a2.choices[0].message.content == ref.text.lstrip()
+    after = engine.cache.stats()
+    assert after["hits"] >= before["hits"] + 2
+    assert after["hit_tokens"] > before["hit_tokens"]
+    assert httpx.get(base + "/metrics").json()["prefix_cache"]["hit_rate"] > 0
+
+
+# ------------------------------------------------------- batching equality
+def test_concurrent_requests_equal_alone(server):
+    base, engine = server
+    c = client(base)
+    jobs = []
+    for i in range(12):
+        kw = dict(model=NAME, prompt=f"Request number {i}: " + "x" * (i % 5), max_tokens=20 + 7 * (i % 4))
+        if i % 3 == 2:
+            kw.update(temperature=0.8, top_p=0.95, seed=100 + i)
+        else:
+            kw.update(temperature=0)
+        jobs.append((kw, i % 2 == 0))  # half of them streamed
+
+    def run(job):
+        kw, stream = job
+        if not stream:
+            return c.completions.create(**kw).choices[0].text
+        return "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw))
+
+    alone = [run(j) for j in jobs]
+    engine.cache.clear()  # under load every prompt is prefilled again
+    m0 = engine.stats()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(run, jobs))
+    m1 = engine.stats()
+    assert together == alone
+    tokens = m1["completion_tokens_total"] - m0["completion_tokens_total"]
+    steps = m1["decode_steps_total"] - m0["decode_steps_total"]
+    assert tokens / steps > 2, f"requests were not batched: {tokens} tokens in {steps} steps"
+
+
+# -------------------------------------------------------------- bad input
+def test_errors_are_openai_shaped_4xx(server):
+    base, _ = server
+    c = client(base)
+    with pytest.raises(openai.NotFoundError) as e:
+        c.completions.create(model="other", prompt="x", max_tokens=5)
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=NAME, prompt="x", max_tokens=5, extra_body={"bogus_field": 1})
+    assert "bogus_field" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=NAME, prompt="x", max_tokens=301)
+    assert "300" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model=NAME, prompt="y" * 513, max_tokens=5)
+    assert e.value.body["code"] == "context_length_exceeded"
+    for bad in (dict(temperature=5), dict(top_p=1.5), dict(n=0), dict(max_tokens=0), dict(presence_penalty=3)):
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model=NAME, prompt="x", **{"max_tokens": 5, **bad})
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=NAME, prompt="", max_tokens=5)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=NAME, messages=[], max_tokens=5)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=NAME, messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}], max_tokens=5)
+    # Raw HTTP: malformed JSON, a body that is not an object, wrong types, unknown routes.
+    for body, status in ((b"{not json", 400), (b"[1, 2]", 400), (b'{"model": "tiny-test", "prompt": 5}', 400), (b"", 400)):
+        resp = httpx.post(base + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert resp.status_code == status, body
+        err = resp.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["message"]
+        assert "Traceback" not in resp.text
+    resp = httpx.get(base + "/v1/nothing-here")
+    assert resp.status_code == 404 and "error" in resp.json()
+    resp = httpx.get(base + "/v1/completions")
+    assert resp.status_code == 405 and "error" in resp.json()
+    assert httpx.get(base + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_api_key_checked_on_every_request(model, tok):
+    with serving(model, tok, api_key="s3cret", max_batch=2) as (base, _):
+        with pytest.raises(openai.AuthenticationError):
+            client(base, "wrong").models.list()
+        assert httpx.get(base + "/health").status_code == 401
+        assert httpx.post(base + "/v1/completions", json={"model": NAME, "prompt": "x"}).json()["error"]["code"] == "invalid_api_key"
+        good = client(base, "s3cret")
+        assert good.completions.create(model=NAME, prompt="x", max_tokens=3, temperature=0).usage.completion_tokens == 3
+        assert httpx.get(base + "/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+def test_queue_bound_gives_429_and_disconnect_frees_slot(model, tok):
+    with serving(model, tok, max_batch=1, max_queue=1, max_tokens_limit=100000) as (base, engine):
+        c = client(base)
+        long = dict(model=NAME, prompt="long", max_tokens=100000, temperature=0, stream=True)
+        with httpx.Client(timeout=30) as h, h.stream("POST", base + "/v1/completions", json=long) as first:
+            lines = first.iter_lines()
+            got = 0
+            for line in lines:  # the first request is decoding
+                got += line.startswith("data: ")
+                if got >= 3:
+                    break
+            queued = threading.Thread(target=lambda: c.completions.create(model=NAME, prompt="q", max_tokens=2, temperature=0))
+            queued.start()
+            deadline = time.monotonic() + 10
+            while engine.stats()["waiting_requests"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError) as e:
+                c.completions.create(model=NAME, prompt="x", max_tokens=2)
+            assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+        # The client hung up: its slot goes to the queued request at once.
+        t0 = time.monotonic()
+        queued.join(20)
+        assert not queued.is_alive()
+        assert time.monotonic() - t0 < 5
+        deadline = time.monotonic() + 5
+        while engine.stats()["running_sequences"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert engine.stats()["requests_cancelled"] >= 1
+        assert engine.stats()["completion_tokens_total"] < 100000
