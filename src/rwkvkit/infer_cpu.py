@@ -31,9 +31,10 @@ _log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "infer_cpu.cpp"
 # No -march: the kernels carry their own target attributes and are chosen at
-# run time, so a build cache shared between machines stays correct.  No
-# fast-math: the WKV recurrence relies on exp(-1e30) == 0 exactly.
-_CFLAGS = ["-O3", "-fopenmp"]
+# run time, so a build cache shared between machines stays correct.  Of
+# fast-math only the exception-free part (no errno, no traps), so exp
+# vectorises while inf and exp(-1e30) == 0 keep their meaning.
+_CFLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 _ext: object | None = None
 _tried: dict[bool, bool] = {}
@@ -79,7 +80,7 @@ def load_extension(force_fail: bool = False):
         start = time.perf_counter()
         _log.info("building the fused CPU decoder (first use on this machine)")
         ext = cpp_extension.load(
-            name="rwkvkit_infer_cpu_v1",
+            name="rwkvkit_infer_cpu_v2",
             sources=[str(_SOURCE)],
             extra_cflags=_CFLAGS,
             extra_ldflags=["-fopenmp"],

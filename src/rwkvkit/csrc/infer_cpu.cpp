@@ -46,6 +46,7 @@ enum Act { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_RELU_SQ = 2 };
 
 constexpr int RB = 4;  // weight rows per block: each weight is loaded once for all batch rows
 constexpr int BT = 4;  // batch rows per pass over a block (accumulators: RB * BT registers)
+constexpr int64_t WKV_CHUNK = 128;  // channels per task of the element-wise WKV step
 
 // out[r * BT + b] = dot(W row r, x row b) for r < nr, b < nb.
 using BlockFn = void (*)(const Lin&, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out);
@@ -361,22 +362,28 @@ void step(int64_t table, int64_t n_layer, int64_t B, int64_t C, int64_t A, int64
         const Job jobs[3] = {{&LL[0], xk, k, ACT_NONE}, {&LL[1], xv, v, ACT_NONE}, {&LL[2], xr, r, ACT_SIGMOID}};
         run_jobs(jobs, 3, B, fn);
       }
-#pragma omp single
       {
-        // WKV, one token of the stable recurrence (spec 2.4), times sigmoid(r).
+        // WKV, one token of the stable recurrence (spec 2.4), times sigmoid(r);
+        // channels are shared out over the threads in chunks of WKV_CHUNK.
         const float *w = P<const float>(t[S_W]), *u = P<const float>(t[S_U]);
-        for (int64_t b = 0; b < B; ++b) {
+        const int64_t nchunk = (A + WKV_CHUNK - 1) / WKV_CHUNK;
+#pragma omp for schedule(static)
+        for (int64_t job = 0; job < B * nchunk; ++job) {
+          const int64_t b = job / nchunk, i0 = (job % nchunk) * WKV_CHUNK, i1 = std::min(A, i0 + WKV_CHUNK);
           const int64_t so = (l * B + b) * A;
           const float *aa = P<const float>(aa_in) + so, *bb = P<const float>(bb_in) + so,
                       *pp = P<const float>(pp_in) + so;
           float *aa2 = P<float>(aa_out) + so, *bb2 = P<float>(bb_out) + so, *pp2 = P<float>(pp_out) + so;
-          for (int64_t i = 0; i < A; ++i) {
-            const float kk = k[b * A + i], vv = v[b * A + i];
+          const float *kb = k + b * A, *vb = v + b * A, *rb = r + b * A;
+          float* ryb = ry + b * A;
+#pragma omp simd
+          for (int64_t i = i0; i < i1; ++i) {
+            const float kk = kb[i], vv = vb[i];
             float ww = u[i] + kk;
             float q = std::max(pp[i], ww);
             float e1 = std::exp(pp[i] - q), e2 = std::exp(ww - q);
             const float y = (e1 * aa[i] + e2 * vv) / (e1 * bb[i] + e2);
-            ry[b * A + i] = r[b * A + i] * y;
+            ryb[i] = rb[i] * y;
             ww = pp[i] + w[i];
             q = std::max(ww, kk);
             e1 = std::exp(ww - q);
