@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-queue", type=int, default=256, metavar="N", help="requests that may wait for a slot; more get HTTP 429 (default 256)")
     g.add_argument("--max-prompt-tokens", type=int, default=8192, metavar="N", help="longest prompt accepted (default 8192)")
     g.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N", help="largest max_tokens a request may ask for (default 4096)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="CPU threads for the model (default: torch's choice); 1 is best on a busy machine")
     g.add_argument("--cache-mb", type=float, default=256.0, metavar="MB", help="prefix state cache size in MiB; 0 disables it (default 256)")
     g = p.add_argument_group("chat format")
     g.add_argument("--chat-user", default="User", metavar="NAME", help="name of the user's turns (default User)")
@@ -75,6 +76,12 @@ def run_serve(args: argparse.Namespace) -> int:
         cache_bytes=int(args.cache_mb * 2**20),
     )
     config.validate()
+    if args.threads is not None:
+        if args.threads < 1:
+            raise RwkvkitError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tok = _load(args)
     name = args.served_model_name or (Path(args.model).name if args.model else "rwkvkit-shipped")
     template = ChatTemplate(user=args.chat_user.strip(), assistant=args.chat_assistant.strip(), system=args.chat_system.strip())
