@@ -80,33 +80,39 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16(co
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + off);
 }
 
+// GCC keeps the accumulators in registers only with a flat array, restrict
+// pointers and fully unrolled inner loops (else it stores them every step).
+#define RK_UNROLL _Pragma("GCC unroll 16")
+
 template <bool I8, int NR, int NB>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const Lin& L, int64_t row0, const float* x,
-                                                                         int64_t ldx, float* out) {
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const Lin& L, int64_t row0,
+                                                                         const float* __restrict x, int64_t ldx,
+                                                                         float* __restrict out) {
   const int64_t K = L.k;
-  __m512 acc[NR][NB];
-  for (int r = 0; r < NR; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  const void* W = L.w;
+  __m512 acc[NR * NB];
+  RK_UNROLL for (int j = 0; j < NR * NB; ++j) acc[j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= K; i += 16) {
     __m512 w[NR];
-    for (int r = 0; r < NR; ++r) w[r] = load16<I8>(L.w, (row0 + r) * K + i, 0xFFFF);
-    for (int b = 0; b < NB; ++b) {
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16<I8>(W, (row0 + r) * K + i, 0xFFFF);
+    RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + b * ldx + i);
-      for (int r = 0; r < NR; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xv, acc[r][b]);
+      RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
     }
   }
   if (i < K) {
     const __mmask16 m = static_cast<__mmask16>((1u << (K - i)) - 1u);
     __m512 w[NR];
-    for (int r = 0; r < NR; ++r) w[r] = load16<I8>(L.w, (row0 + r) * K + i, m);
-    for (int b = 0; b < NB; ++b) {
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16<I8>(W, (row0 + r) * K + i, m);
+    RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + b * ldx + i);
-      for (int r = 0; r < NR; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xv, acc[r][b]);
+      RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int b = 0; b < NB; ++b) out[r * BT + b] = _mm512_reduce_add_ps(acc[r][b]);
+  RK_UNROLL for (int r = 0; r < NR; ++r) {
+    RK_UNROLL for (int b = 0; b < NB; ++b) out[r * BT + b] = _mm512_reduce_add_ps(acc[r * NB + b]);
+  }
 }
 
 template <bool I8, int NR>
@@ -150,28 +156,28 @@ __attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
 }
 
 template <bool I8, int NR, int NB>
-__attribute__((target("avx2,fma"))) void block256_t(const Lin& L, int64_t row0, const float* x, int64_t ldx,
-                                                    float* out) {
+__attribute__((target("avx2,fma"))) void block256_t(const Lin& L, int64_t row0, const float* __restrict x,
+                                                    int64_t ldx, float* __restrict out) {
   const int64_t K = L.k;
-  __m256 acc[NR][NB];
-  for (int r = 0; r < NR; ++r)
-    for (int b = 0; b < NB; ++b) acc[r][b] = _mm256_setzero_ps();
+  const void* W = L.w;
+  __m256 acc[NR * NB];
+  RK_UNROLL for (int j = 0; j < NR * NB; ++j) acc[j] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= K; i += 8) {
     __m256 w[NR];
-    for (int r = 0; r < NR; ++r) w[r] = load8<I8>(L.w, (row0 + r) * K + i);
-    for (int b = 0; b < NB; ++b) {
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load8<I8>(W, (row0 + r) * K + i);
+    RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m256 xv = _mm256_loadu_ps(x + b * ldx + i);
-      for (int r = 0; r < NR; ++r) acc[r][b] = _mm256_fmadd_ps(w[r], xv, acc[r][b]);
+      RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm256_fmadd_ps(w[r], xv, acc[r * NB + b]);
     }
   }
-  for (int r = 0; r < NR; ++r) {
-    for (int b = 0; b < NB; ++b) {
-      float s = hsum256(acc[r][b]);
+  RK_UNROLL for (int r = 0; r < NR; ++r) {
+    RK_UNROLL for (int b = 0; b < NB; ++b) {
+      float s = hsum256(acc[r * NB + b]);
       const float* xb = x + b * ldx;
       for (int64_t j = i; j < K; ++j) {
-        const float wj = I8 ? static_cast<float>(static_cast<const int8_t*>(L.w)[(row0 + r) * K + j])
-                            : static_cast<const float*>(L.w)[(row0 + r) * K + j];
+        const float wj = I8 ? static_cast<float>(static_cast<const int8_t*>(W)[(row0 + r) * K + j])
+                            : static_cast<const float*>(W)[(row0 + r) * K + j];
         s += wj * xb[j];
       }
       out[r * BT + b] = s;
