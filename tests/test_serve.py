@@ -159,7 +159,8 @@ def test_streaming_equals_non_streaming(server):
     chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
     assert text == full.choices[0].text
-    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].text) > 5  # really streamed
+    # Really streamed (pieces that queued up while the client was slow are merged, so not one per token).
+    assert sum(1 for ch in chunks if ch.choices and ch.choices[0].text) >= 2
     finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
     assert finals == ["length"]
     assert chunks[-1].usage.completion_tokens == 50 and chunks[-1].usage.prompt_tokens == len(b"Streaming test")

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -252,15 +253,36 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             snapshots=tuple(snapshots),
         )
 
+    # Events from the scheduler thread reach the event loop through one shared
+    # outbox: at most one wake-up of the loop per decode step, however many
+    # requests the step served (a call_soon_threadsafe per event would wake
+    # it once per sequence).
+    outbox: list = []
+    outbox_lock = threading.Lock()
+    outbox_state = {"scheduled": False}
+
+    def drain() -> None:
+        with outbox_lock:
+            items = outbox[:]
+            outbox.clear()
+            outbox_state["scheduled"] = False
+        for queue, event in items:
+            queue.put_nowait(event)
+
     def submit(req: GenRequest) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(event: dict) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is closed: nobody is listening
-                req.cancel()
+            with outbox_lock:
+                outbox.append((queue, event))
+                wake = not outbox_state["scheduled"]
+                outbox_state["scheduled"] = True
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(drain)
+                except RuntimeError:  # the event loop is closed: nobody is listening
+                    req.cancel()
 
         req.emit = emit
         try:
@@ -275,24 +297,37 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
 
     async def events(req: GenRequest, queue: asyncio.Queue, request: Request | None):
         """Yield the engine's events until every choice is done; a client that
-        goes away (non-streaming: polled) cancels the request."""
+        goes away (non-streaming: polled) cancels the request.  Text that
+        queued up while the consumer was busy comes out merged (one SSE chunk
+        instead of many when the server is loaded)."""
         done = 0
         while done < req.n:
             if request is None:
-                event = await queue.get()
+                first = await queue.get()
             else:
                 try:
-                    event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    first = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         req.cancel()
                         return
                     continue
-            if event["type"] == "error":
-                raise ApiError(503 if "shutting down" in event["message"] else 500, event["message"], "server_error")
-            if event["type"] == "done":
-                done += 1
-            yield event
+            batch = [first]
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            merged: list[dict] = []
+            for event in batch:
+                if event["type"] == "error":
+                    raise ApiError(503 if "shutting down" in event["message"] else 500, event["message"], "server_error")
+                prev = merged[-1] if merged else None
+                if event["type"] == "text" and prev is not None and prev["type"] == "text" and prev["index"] == event["index"]:
+                    merged[-1] = {**prev, "text": prev["text"] + event["text"]}
+                else:
+                    merged.append(event)
+            for event in merged:
+                if event["type"] == "done":
+                    done += 1
+                yield event
 
     def usage(req: GenRequest, completion_tokens: int) -> dict:
         return {
