@@ -23,12 +23,14 @@ from .types import WKVState, check_inputs, compute_dtype, initial_state
 
 _log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / "wkv_cpu.cpp"]
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "wkv_cpu.cpp"]  # includes wkv_cpu_kernels.h
 # -ffast-math is what lets GCC call glibc's vector exp (libmvec) in the inner
 # loop; the kernel never relies on inf/NaN (the empty state is pp = -1e30).
 # It is a compile flag only: linking with it would pull in crtfastmath, which
 # flips the whole process to flush-to-zero.  No -march=native: the build cache
-# may be shared by machines with different CPUs.
+# may be shared by machines with different CPUs; the source compiles an AVX2
+# variant of its loops itself and picks it at run time.
 _CFLAGS = ["-O3", "-ffast-math", "-fopenmp"]
 
 # force_fail -> built module or None; one entry per process and flag.
@@ -93,6 +95,12 @@ def _cause(exc: BaseException) -> str:
     errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building")]
     line = errors[0] if errors else (lines[0] if lines else "")
     return f"{type(exc).__name__}: {line[:300]}"
+
+
+def uses_avx2() -> bool | None:
+    """Whether the AVX2 variant of the kernels runs here (None: not built)."""
+    ext = _builds.get(False)
+    return None if ext is None else bool(ext.uses_avx2())
 
 
 def build_seconds() -> float | None:
