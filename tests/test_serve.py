@@ -340,3 +340,31 @@ def test_queue_bound_gives_429_and_disconnect_frees_slot(model, tok):
             time.sleep(0.01)
         assert engine.stats()["requests_cancelled"] >= 1
         assert engine.stats()["completion_tokens_total"] < 100000
+
+
+class _FailsOnce:
+    """The model, except that its first RNN step raises (a device error, say)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.device, self.failures = model, model.config, model.device, 1
+
+    def new_state(self, batch):
+        return self.model.new_state(batch)
+
+    def __call__(self, tokens, state=None, *, logits="all"):
+        if tokens.shape[1] == 1 and self.failures:
+            self.failures -= 1
+            raise RuntimeError("simulated device failure")
+        return self.model(tokens, state, logits=logits)
+
+
+def test_failed_step_is_a_clean_500_and_the_server_goes_on(model, tok):
+    with serving(_FailsOnce(model), tok, max_batch=4) as (base, engine):
+        c = client(base)
+        with pytest.raises(openai.InternalServerError) as e:
+            c.completions.create(model=NAME, prompt="boom", max_tokens=5, temperature=0)
+        assert e.value.status_code == 500
+        assert "RuntimeError" in e.value.body["message"] and "Traceback" not in str(e.value.body)
+        r = c.completions.create(model=NAME, prompt="boom", max_tokens=5, temperature=0)
+        assert r.choices[0].text == _greedy_alone(model, tok, "boom", 5).text
+        assert engine.stats()["requests_failed"] == 1

@@ -310,10 +310,13 @@ class Engine:
                             self._cv.wait()
                         if self._stopping:
                             break
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._rows:
-                        self._step()
+                    try:
+                        self._drop_cancelled()
+                        self._admit()
+                        if self._rows:
+                            self._step()
+                    except Exception as exc:  # e.g. out of memory: fail the batch, keep serving
+                        self._fail_batch(exc)
         except Exception as exc:  # a bug or a device failure: fail every request, loudly
             _log.exception("the scheduler failed")
             self.error = f"{type(exc).__name__}: {exc}"
@@ -325,6 +328,17 @@ class Engine:
                 self._rows, self._state, self._logits = [], None, None
             for req in pending:
                 self._safe_emit(req, {"type": "error", "message": "the server is shutting down" if self.error is None else "internal error in the generation engine"})
+
+    def _fail_batch(self, exc: Exception) -> None:
+        _log.exception("a decoding step failed; the %d sequences in the batch are dropped", len(self._rows))
+        reqs = list({id(s.req): s.req for s in self._rows}.values())
+        with self._cv:
+            self._rows = []
+        self._state, self._logits = None, None
+        with self.metrics.lock:
+            self.metrics.failed += len(reqs)
+        for req in reqs:
+            self._safe_emit(req, {"type": "error", "message": f"generation failed ({type(exc).__name__}); retry the request"})
 
     @staticmethod
     def _safe_emit(req: GenRequest, event: dict) -> None:
