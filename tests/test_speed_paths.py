@@ -189,3 +189,16 @@ def test_falls_back_without_the_extension(monkeypatch):
     plain, sp = _run(model, tokens, "torch")
     _assert_same(got, sg, plain, sp, tol=1e-6)
     assert model._decode_plan is None  # the fused path never ran
+
+
+def test_large_batches_use_the_blas_path(ext, monkeypatch):
+    cfg = CONFIGS[2]
+    model, _ = make_model(cfg, seed=3)
+    tokens = _tokens(cfg, 3, 3)
+    monkeypatch.setattr(infer_cpu, "MAX_BATCH", 2)
+    got, sg = _run(model, tokens, "auto")
+    assert model._decode_plan is None  # the fused step stepped aside
+    monkeypatch.setattr(infer_cpu, "MAX_BATCH", 64)
+    fused, sf = _run(model, tokens, "auto")
+    assert model._decode_plan is not None
+    _assert_same(got, sg, fused, sf)
