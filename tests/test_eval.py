@@ -234,3 +234,197 @@ def test_split_passage_and_bad_lambada_file(tmp_path):
     bad.write_text('{"text": "a b"}\n{"txt": 1}\n')
     with pytest.raises(RwkvkitError, match=":2: expected"):
         read_lambada(bad)
+
+
+# ------------------------------------------------------ lm-evaluation-harness
+LM_CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=256)
+
+
+def _pip_logprob(pm, ctx: bytes, cont: bytes) -> float:
+    out, _ = pm.forward(list(ctx + cont), None, full_output=True)
+    lp = torch.log_softmax(out.double(), dim=-1)
+    return float(sum(lp[len(ctx) - 1 + i, b] for i, b in enumerate(cont)))
+
+
+def _pip_greedy(pm, ctx: bytes, n: int, stop: str) -> str:
+    out, st = pm.forward(list(ctx), None)
+    got = b""
+    for _ in range(n):
+        t = int(torch.argmax(out))
+        got += bytes([t])
+        if stop.encode() in got:
+            break
+        out, st = pm.forward([t], st)
+    return got.decode("utf-8", errors="replace").split(stop)[0]
+
+
+def _write_tasks(folder, data):
+    for name, body in data.items():
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in body["docs"]))
+        (folder / f"{name}.yaml").write_text(body["yaml"].replace("DATA", str(folder / f"{name}.jsonl")))
+
+
+@pytest.mark.slow  # imports lm_eval, datasets and runs its CLI in a subprocess: ~30 s on 2 cores
+def test_lm_eval_cli_with_local_tasks(tmp_path):
+    pytest.importorskip("lm_eval")
+    model, sd = make_model(LM_CFG, seed=7)
+    path = tmp_path / "tiny.pth"
+    torch.save(sd, path)
+    pm = pip_model(sd, tmp_path, name="ref.pth")
+    g = np.random.default_rng(0)
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+    mc = []
+    for n in range(6):
+        choices = list(g.choice(words, 3, replace=False))
+        mc.append({"question": f"Q{n}: which word comes next after {' '.join(g.choice(words, 4))}?", "choices": choices, "answer": int(g.integers(3))})
+    texts = [{"text": " ".join(g.choice(words, int(g.integers(3, 9))))} for _ in range(4)]
+    gen = [{"prompt": f"Say {w}:", "target": "?"} for w in words[:4]]
+    # Half the generation targets are the reference model's own greedy output,
+    # so exact_match must come out 0.5.
+    for d in gen[:2]:
+        d["target"] = _pip_greedy(pm, d["prompt"].encode(), 6, "\n")
+    assert all(d["target"] for d in gen[:2])
+    yaml_common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: DATA\ntest_split: test\n"
+    _write_tasks(
+        tmp_path,
+        {
+            "rk_mc": {
+                "docs": mc,
+                "yaml": "task: rk_mc\n" + yaml_common + "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+                "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n",
+            },
+            "rk_roll": {
+                "docs": texts,
+                "yaml": "task: rk_roll\n" + yaml_common + "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+                "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: bits_per_byte\n",
+            },
+            "rk_gen": {
+                "docs": gen,
+                "yaml": "task: rk_gen\n" + yaml_common + "output_type: generate_until\ndoc_to_text: '{{prompt}}'\n"
+                "doc_to_target: '{{target}}'\ngeneration_kwargs:\n  until: ['\\n']\n  max_gen_toks: 6\n  do_sample: false\n"
+                "metric_list:\n  - metric: exact_match\n",
+            },
+        },
+    )
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable, "-m", "rwkvkit.lm_eval_adapter", "run", "--model", "rwkvkit",
+        "--model_args", f"path={path},tokenizer=bytes", "--tasks", "rk_mc", "rk_roll", "rk_gen",
+        "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--batch_size", "4",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = list((tmp_path / "out").rglob("results_*.json"))
+    assert found, proc.stdout[-2000:]
+    res = json.loads(found[0].read_text())["results"]
+
+    # multiple choice: lm_eval's context is the question, each continuation " " + choice.
+    want_acc = np.mean(
+        [int(np.argmax([_pip_logprob(pm, d["question"].encode(), (" " + c).encode()) for c in d["choices"]]) == d["answer"]) for d in mc]
+    )
+    assert res["rk_mc"]["acc,none"] == pytest.approx(want_acc)
+    # rolling: the text after the newline prefix (bytes has no end-of-text id), all bytes scored.
+    lls = [_pip_logprob(pm, b"\n", d["text"].encode()) for d in texts]
+    nbytes = sum(len(d["text"].encode()) for d in texts)
+    assert res["rk_roll"]["bits_per_byte,none"] == pytest.approx(-sum(lls) / nbytes / math.log(2), rel=1e-5)
+    assert res["rk_gen"]["exact_match,none"] == pytest.approx(0.5)
+
+
+def test_lm_eval_adapter_requests_against_rwkv_package(tmp_path):
+    """The adapter's three request types in process, on lm_eval's Instance
+    objects, against the `rwkv` package."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from rwkvkit.lm_eval_adapter import RwkvkitLM
+
+    model, sd = make_model(LM_CFG, seed=8)
+    pm = pip_model(sd, tmp_path)
+    lm = RwkvkitLM(model=model, tokenizer="bytes", batch_size=3)
+
+    def inst(kind, args, i):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=i)
+
+    pairs = [("The cat sat on the", " mat"), ("Trailing space ", "moves"), ("", "no context"), ("a", "b")]
+    got = lm.loglikelihood([inst("loglikelihood", p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+    want = [
+        _pip_logprob(pm, b"The cat sat on the", b" mat"),
+        _pip_logprob(pm, b"Trailing space", b" moves"),
+        _pip_logprob(pm, b"\n", b"no context"),
+        _pip_logprob(pm, b"a", b"b"),
+    ]
+    assert [g[0] for g in got] == pytest.approx(want, rel=1e-5)
+    text = "rolling text, long enough to span windows " * 30
+    (roll,) = lm.loglikelihood_rolling([inst("loglikelihood_rolling", (text,), 0)], disable_tqdm=True)
+    assert roll == pytest.approx(_pip_logprob(pm, b"\n", text.encode()), rel=1e-5)
+    (gen,) = lm.generate_until([inst("generate_until", ("Hello", {"until": ["\n"], "max_gen_toks": 10}), 0)], disable_tqdm=True)
+    assert gen == _pip_greedy(pm, b"Hello", 10, "\n")
+
+
+# --------------------------------------------------------------- the verbs
+def _cli(args, capsys):
+    from rwkvkit.cli import main
+
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_eval_ppl_and_lambada(tmp_path, capsys, ref, shakespeare_slice):
+    path = tmp_path / "m.pth"
+    torch.save(ref.sd, path)
+    rc, out, err = _cli(["eval", "-m", str(path), "--task", "ppl", "--data", str(shakespeare_slice), "--window", "100", "--json", "-", "--no-progress"], capsys)
+    assert rc == 0, err
+    got = json.loads(out)
+    ids = list(shakespeare_slice.read_bytes())
+    assert got["tokens"] == len(ids) - 1 and got["windows"] == math.ceil((len(ids) - 1) / 100)
+    assert got["nll"] == pytest.approx(ref.nll(ids), rel=2e-6)
+    assert got["bits_per_byte"] == pytest.approx(got["nll"] / math.log(2) / got["bytes"])
+
+    lam = tmp_path / "lam.jsonl"
+    lam.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one two three", "a b", "hello there world", "x y z"]))
+    rc, out, err = _cli(["eval", "-m", str(path), "--task", "lambada", "--data", str(lam), "--limit", "3", "--json", str(tmp_path / "l.json"), "--per-sample", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "3 passages" in out
+    got = json.loads((tmp_path / "l.json").read_text())
+    assert got["samples"] == 3 and got["pad_id"] == 10 and len(got["logprobs"]) == 3
+    want = [ref.nll([10] + list(b"one two") + list(b" three")) - ref.nll([10] + list(b"one two"))]
+    assert -got["logprobs"][0] == pytest.approx(want[0], rel=1e-5)
+
+    for bad, msg in (
+        (["--task", "ppl"], "needs --data"),
+        (["--task", "ppl", "--data", str(tmp_path / "nope.txt")], "does not exist"),
+        (["--task", "ppl", "--data", str(shakespeare_slice), "--window", "0"], "--window"),
+    ):
+        rc, out, err = _cli(["eval", "-m", str(path), *bad], capsys)
+        assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_bench_tiny(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rc, out, err = _cli(
+        ["bench", "--shape", "tiny", "--tokens", "40", "--prompt-lengths", "4,16", "--median-window", "8", "--in-process", "--threads", "1", "--out", str(tmp_path), "--no-progress"],
+        capsys,
+    )
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "bench.json").read_text())
+    rwkv, gpt = rep["results"]
+    L, C, V = 2, 64, 1000
+    assert rwkv["parameters"] == ModelConfig(n_layer=L, n_embd=C, vocab_size=V).num_params
+    # The RWKV state is the same size after every token: L x (2C + 3C) fp32.
+    assert set(rwkv["state_bytes"]) == {ModelConfig(n_layer=L, n_embd=C, vocab_size=V).state_bytes_per_sequence} == {L * 5 * C * 4}
+    # GPT-2's cache holds a key and a value per layer for every token so far.
+    assert gpt["state_bytes"] == [2 * L * k * C * 4 for k in range(1, 41)]
+    assert len(rwkv["times"]) == len(gpt["times"]) == 40 and min(rwkv["times"] + gpt["times"]) > 0
+    assert [p["length"] for p in rwkv["prompts"]] == [4, 16]
+    rows = rep["summary"]["rows"]
+    assert rows[-1]["token"] == 40 and rows[-1]["gpt2_cumulative_s"] == pytest.approx(sum(gpt["times"]))
+    for name in ("bench_cumulative.png", "bench_per_token.png", "bench_memory.png", "bench_prompt.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plot: {tmp_path / name}" in out
+    assert "cumulative_ratio_gpt2_over_rwkv_at_40" in out
+
+    rc, out, err = _cli(["bench", "--shape", "tiny", "--width", "65", "--tokens", "4"], capsys)
+    assert rc == 1 and "divisible by" in err
+    rc, out, err = _cli(["bench", "--shape", "tiny", "--tokens", "0"], capsys)
+    assert rc == 1 and "--tokens" in err

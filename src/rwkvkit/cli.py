@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "rwkvkit.commands.train",  # prepare, train
     "rwkvkit.commands.generate",  # generate, chat
     "rwkvkit.commands.serve",  # serve
+    "rwkvkit.commands.eval",  # eval, bench
 ]
 
 
