@@ -10,6 +10,8 @@ from ..errors import RwkvkitError
 
 # Loading files larger than this prints a note (and rwkv.cpp files a progress bar).
 BIG_MODEL_BYTES = 200 * 1024 * 1024
+# Below this many parameters the CLI runs on one CPU thread (faster for tiny models).
+SMALL_MODEL_PARAMS = 20_000_000
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -112,6 +114,12 @@ def _load(args):
         if size > BIG_MODEL_BYTES:
             print(f"loading {p} ({size / 2**30:.2f} GiB)...", file=sys.stderr, flush=True)
     model = load_model_arg(path, dtype=dtype, device=args.device)
+    if model.device.type == "cpu" and model.num_parameters() < SMALL_MODEL_PARAMS:
+        # One RNN step of a small model is a few hundred tiny ops; extra
+        # threads only add synchronisation (3-10x slower on a busy machine).
+        import torch
+
+        torch.set_num_threads(1)
     tok = tokenizer_for_model(model, path, args.tokenizer, download=args.download_tokenizer)
     return model, tok
 
