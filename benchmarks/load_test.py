@@ -7,7 +7,7 @@ both runs, their ratio, and whether every request's text was the same in
 both (greedy decoding, so it must be).  Nothing leaves the machine: the
 target is always loopback.
 
-    python benchmarks/load_test.py                       # the shipped model, or a random 6x512 one
+    python benchmarks/load_test.py                       # the shipped model (or a random 6x512 one)
     python benchmarks/load_test.py --model RWKV-4-Pile-169M.pth --requests 64 --max-tokens 64
     python benchmarks/load_test.py --random 12x768        # a random model of that shape (bytes vocab)
 """
@@ -111,7 +111,7 @@ def random_model(shape: str, folder: Path) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint to serve (default: the shipped model if present, else --random)")
-    ap.add_argument("--random", default="6x512", metavar="LxC", help="shape of a random byte-level model when no model is given (default 6x512)")
+    ap.add_argument("--random", default=None, metavar="LxC", help="serve a random byte-level model of this shape (default when no model is given and none is shipped: 6x512)")
     ap.add_argument("--requests", type=int, default=64, help="number of requests (default 64)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     ap.add_argument("--threads", type=int, default=None, help="the server's CPU threads (default: torch's choice)")
@@ -124,9 +124,12 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
-            model = str(SHIPPED_MODEL) if (Path(SHIPPED_MODEL) / "model.safetensors").is_file() else random_model(args.random, Path(tmp) / "m")
-        desc = model if args.model or model == str(SHIPPED_MODEL) else f"random {args.random} byte-level model"
+        if model is None and args.random is None and (Path(SHIPPED_MODEL) / "model.safetensors").is_file():
+            model = str(SHIPPED_MODEL)
+        elif model is None:
+            args.random = args.random or "6x512"
+            model = random_model(args.random, Path(tmp) / "m")
+        desc = f"random {args.random} byte-level model" if args.random else model
         extra = ["--dtype", "float32"] if model == str(SHIPPED_MODEL) else []
         if args.threads:
             extra += ["--threads", str(args.threads)]
@@ -142,8 +145,9 @@ def main() -> int:
                 for i in range(args.requests)
             ]
             asyncio.run(run_batch(base, bodies[:2], concurrent=False))  # warm-up (kernel load)
+            m0 = json.loads(urllib.request.urlopen(base + "/metrics").read())
             together, wall_c = asyncio.run(run_batch(base, bodies, concurrent=True))
-            metrics = json.loads(urllib.request.urlopen(base + "/metrics").read())
+            m1 = json.loads(urllib.request.urlopen(base + "/metrics").read())
             rows = [("concurrent", together, wall_c)]
             if not args.skip_sequential:
                 alone, wall_s = asyncio.run(run_batch(base, bodies, concurrent=False))
@@ -159,7 +163,10 @@ def main() -> int:
         rates[name] = tokens / wall
         print(f"{name:<14} {wall:8.2f} {tokens:7d} {tokens / wall:8.1f}   TTFT    {percentiles([r['ttft'] for r in res])}")
         print(f"{'':<14} {'':>8} {'':>7} {'':>8}   latency {percentiles([r['latency'] for r in res])}")
-    print(f"server mean batch size {metrics['mean_batch_size']:.1f} (max {metrics['max_batch']}), failed {metrics['requests_failed']}, rejected {metrics['requests_rejected']}")
+    steps = m1["decode_steps_total"] - m0["decode_steps_total"]
+    batch = (m1["completion_tokens_total"] - m0["completion_tokens_total"]) / max(steps, 1)
+    print(f"concurrent run: {steps} decode steps, mean batch {batch:.1f} (max {m1['max_batch']}); "
+          f"failed {m1['requests_failed']}, rejected {m1['requests_rejected']}")
     if len(rows) == 2:
         same = sum(a["text"] == b["text"] for a, b in zip(rows[0][1], rows[1][1]))
         print(f"throughput ratio concurrent / one at a time: {rates['concurrent'] / rates['one at a time']:.2f}x")

@@ -10,9 +10,9 @@ generated.  Three kinds exist:
 - ``"world"``: the RWKV World vocabulary ``rwkv_vocab_v20230424.txt``, greedy
   longest match over UTF-8 bytes (spec 7.2), ids equal to the ``rwkv``
   package's ``TRIE_TOKENIZER``.  Encoding uses the Rust ``pyrwkv-tokenizer``
-  package when it is installed (``pip install "rwkvkit[tokenizers]"``; about
-  ten times the ``rwkv`` package's speed, see benchmarks/bench_tokenizer.py) and
-  a pure-Python trie otherwise;
+  package when it is installed (``pip install "rwkvkit[tokenizers]"``; 8-14x
+  the ``rwkv`` package's speed, see benchmarks/bench_tokenizer.py) and a
+  pure-Python trie otherwise (about 2x the ``rwkv`` package's);
 - a Hugging Face ``tokenizers`` JSON file, e.g. ``"20B"``: the GPT-NeoX
   tokenizer of the RWKV-4 Pile models (spec 7.1).
 
