@@ -12,7 +12,8 @@ The C++ side receives raw data pointers; this module is where they are
 checked: every tensor is float32 (int8 for quantised weights), contiguous and
 on the CPU, with the shape the config says.  The table of pointers is cached
 per model and rebuilt whenever a tensor moved (``.to()``, a new Parameter) or a
-precomputed value's source changed in place (``time_decay``).
+precomputed value's source changed in place (``time_decay``); see
+:meth:`DecodePlan.current`.
 """
 
 from __future__ import annotations
@@ -168,9 +169,30 @@ def _watched(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return ptrs, derived
 
 
-def _key(model) -> tuple:
-    ptrs, derived = _watched(model)
-    return tuple(t.data_ptr() for t in ptrs) + tuple((t.data_ptr(), t._version) for t in derived)
+# Bumped whenever any module anywhere gets a new parameter, buffer or
+# submodule (torch's global registration hooks, installed with the first
+# plan): a plan built before cannot know whether the new one is in its model.
+# Walking the module tree on every token to check would cost more than the
+# hooks (the walk is ~200 attribute look-ups through nn.Module.__getattr__).
+_registrations = 0
+_hooks_installed = False
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _install_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    from torch.nn.modules import module as nn_module
+
+    def bump(*_args):
+        global _registrations
+        _registrations += 1
+
+    nn_module.register_module_parameter_registration_hook(bump)
+    nn_module.register_module_buffer_registration_hook(bump)
+    nn_module.register_module_module_registration_hook(bump)
+    _hooks_installed = True
 
 
 class DecodePlan:
@@ -179,7 +201,11 @@ class DecodePlan:
     def __init__(self, model):
         cfg = model.config
         C, A = cfg.n_embd, cfg.dim_att
-        self.key = _key(model)
+        _install_hooks()
+        self.generation = _registrations
+        self.watch, self.derived = _watched(model)
+        self.ptrs = tuple(t.data_ptr() for t in self.watch)
+        self.versions = tuple(t._version for t in self.derived)
         self.ok = False
         keep: list[torch.Tensor] = []
         rows = []
@@ -194,8 +220,6 @@ class DecodePlan:
             att, ffn = block.att, block.ffn
             # omega = -exp(d), as TimeMix computes it (spec 1.3).
             w = -torch.exp(att.time_decay.detach().float()).contiguous()
-            # Kept alive so that a replacement cannot reuse its address unnoticed.
-            keep.append(att.time_decay)
             row = [
                 vec(block.ln1.weight, C), vec(block.ln1.bias, C), vec(block.ln2.weight, C), vec(block.ln2.bias, C),
                 vec(w, A), vec(att.time_first, A),
@@ -223,10 +247,20 @@ class DecodePlan:
         self.ok = True
 
 
+    def current(self) -> bool:
+        """Still valid: no new parameter/buffer/module anywhere, no tensor moved
+        (``.to()``, ``.data =``), no in-place change to a derived value's source."""
+        return (
+            self.generation == _registrations
+            and tuple(map(_data_ptr, self.watch)) == self.ptrs
+            and tuple(t._version for t in self.derived) == self.versions
+        )
+
+
 def plan_for(model) -> DecodePlan | None:
     """The model's cached plan, rebuilt if any watched tensor changed; None if unusable."""
     plan = getattr(model, "_decode_plan", None)
-    if plan is None or plan.key != _key(model):
+    if plan is None or not plan.current():
         plan = DecodePlan(model)
         model._decode_plan = plan
     return plan if plan.ok else None

@@ -236,7 +236,7 @@ class RWKV(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32):
             raise RwkvkitError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         if tokens.device.type == "cpu":
-            lo, hi = int(tokens.min()), int(tokens.max())
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
             if lo < 0 or hi >= cfg.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise RwkvkitError(f"token id {bad} is out of range for this model's vocabulary of {cfg.vocab_size}")
