@@ -10,6 +10,14 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _default_mode(directory: bool = False) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask
+    (mkstemp/mkdtemp create 0600/0700, which would hide files from other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
@@ -37,6 +45,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except BaseException:
@@ -59,6 +68,9 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
+                if f.stat().st_mode & 0o777 == 0o600:
+                    os.chmod(f, _default_mode())
+        os.chmod(tmp, _default_mode(directory=True))
         old = None
         if target.exists():
             if not target.is_dir():
