@@ -70,8 +70,10 @@ def wkv_chunked(
     end = torch.full((N,), L - 1, device=dev)
     end[N - 1] = last - 1
     steps = (end[:, None] - pos[None, :]).to(dt)  # [N, L]
-    s_end = steps[None, :, :, None] * w + kc  # [B, N, L, C]
-    s_end = s_end.masked_fill(~real[None, :, :, None], _NEG_INF)
+    # Masks enter as -inf in the small [.., L, C] decay term, before the big
+    # add: one pass over the large tensor instead of two.
+    decay_end = torch.where(real[:, :, None], steps[:, :, None] * w, _NEG_INF)  # [N, L, C]
+    s_end = decay_end + kc  # [B, N, L, C]
     m_end = s_end.amax(dim=2)  # [B, N, C]; every chunk has >= 1 real token
     e_end = torch.exp(s_end - m_end[:, :, None])
     A = (e_end * vc).sum(dim=2)  # [B, N, C]: scaled numerator of the chunk alone
@@ -102,8 +104,8 @@ def wkv_chunked(
     # on itself u + k_t; on the carried state pp0 + t w.
     dist = (pos[:, None] - 1 - pos[None, :]).to(dt)  # [L(t), L(i)]
     causal = pos[None, :] < pos[:, None]  # strictly earlier tokens
-    s = dist[:, :, None] * w + kc[:, :, None, :, :]  # [B, N, L(t), L(i), C]
-    s = s.masked_fill(~causal[:, :, None], _NEG_INF)
+    decay = torch.where(causal[:, :, None], dist[:, :, None] * w, _NEG_INF)  # [L, L, C]
+    s = decay + kc[:, :, None, :, :]  # [B, N, L(t), L(i), C]
     s_diag = u + kc  # [B, N, L, C]
     s_state = pp0[:, :, None, :] + pos[:, None].to(dt) * w  # [B, N, L, C]
     # The row maximum only stabilises; y does not depend on it.
