@@ -5,7 +5,10 @@ operator, channel mixing, pre-LN residual blocks.  Parameter names are
 BlinkDL's official ones, so ``model.load_state_dict(official_sd)`` is the
 identity.  The same ``forward`` is the parallel form (T > 1, for training and
 prompts) and the recurrent form (T = 1, one RNN step); both carry a
-:class:`~rwkvkit.state.State`.
+:class:`~rwkvkit.state.State`.  For inference on the CPU the RNN step runs as
+one fused C++ call (:mod:`rwkvkit.infer_cpu`, same maths), and
+:meth:`RWKV.quantize_int8` stores the weight matrices in int8
+(:mod:`rwkvkit.quant`).
 """
 
 from __future__ import annotations
