@@ -52,8 +52,8 @@ def timed(fn, args, backward: bool, repeats: int) -> float:
                 fn(*leaves)
         elapsed = time.perf_counter() - start
         if i == 1 and elapsed > 5:
-            runs = 2  # the Python loops at long T: one timed run is plenty
-        else:
+            return elapsed  # the Python loops at long T: warm-up is noise next to this
+        if i > 1:
             best = min(best, elapsed)
     return best
 
