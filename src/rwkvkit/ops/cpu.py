@@ -67,7 +67,7 @@ def _build(force_fail: bool = False):
         if missing:
             os.environ["PATH"] = os.pathsep.join(missing + [path])
         start = time.perf_counter()
-        _log.info("building the C++ WKV kernel (first use on this machine)")
+        _log.info("building (or loading the cached build of) the C++ WKV kernel")
         ext = cpp_extension.load(
             name="rwkvkit_wkv_cpu_v1",
             sources=[str(s) for s in _SOURCES],
