@@ -152,3 +152,27 @@ def test_quantize_rejects_other_objects_and_is_idempotent():
     q = model.blocks[0].att.key.qweight
     quantize_int8(model)
     assert model.blocks[0].att.key.qweight is q
+
+
+def test_load_quantize_keyword_and_save_refuses_quantized(tmp_path):
+    import rwkvkit
+    from rwkvkit.config import ModelConfig
+    from rwkvkit.errors import CheckpointError
+    from rwkvkit.quant import is_quantized
+    from util import make_model
+
+    cfg = ModelConfig(n_layer=2, n_embd=32, vocab_size=50)
+    model, sd = make_model(cfg, seed=1)
+    torch.save(sd, tmp_path / "m.pth")
+    q = rwkvkit.load(tmp_path / "m.pth", quantize="int8")
+    assert is_quantized(q)
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ref, _ = model(tokens)
+        got, _ = q(tokens)
+    assert 0 < (got - ref).abs().max().item() < 0.2
+    with pytest.raises(CheckpointError, match="int8"):
+        rwkvkit.save(q, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(rwkvkit.RwkvkitError, match="quantize"):
+        rwkvkit.load(tmp_path / "m.pth", quantize="int4")

@@ -515,9 +515,13 @@ def load(
     rescale_every: "int | None" = None,
     ln0_fold_dtype: "str | None" = _UNSET,
     progress: bool = False,
+    quantize: "str | None" = None,
 ):
     """Load an RWKV-4 checkpoint of any supported format; returns an
     :class:`~rwkvkit.model.RWKV` in eval mode.
+
+    ``quantize="int8"`` stores the matrices as int8 with per-row scales
+    (:func:`rwkvkit.quant.quantize_int8`) for fast CPU inference.
 
     ``dtype`` casts every weight.  By default the weights keep the file's
     float dtype (the one most values have; rwkv.cpp files load as float32),
@@ -537,6 +541,8 @@ def load(
             dtype_from_name(ln0_fold_dtype)
         if rescale_every is not None and (not isinstance(rescale_every, int) or rescale_every < 0):
             raise ValueError(f"rescale_every must be an integer >= 0, got {rescale_every!r}")
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     except ValueError as exc:
         raise RwkvkitError(str(exc)) from None
     ck = read(path, progress=progress)
@@ -567,6 +573,10 @@ def load(
     model.eval()
     if fold is not None:
         model.fold_ln0(fold)
+    if quantize == "int8":
+        from .quant import quantize_int8
+
+        quantize_int8(model)
     return model
 
 
@@ -623,6 +633,13 @@ def inspect(path: "str | os.PathLike") -> dict[str, Any]:
 
 # --------------------------------------------------------------------- write
 def _official_state_dict(model) -> dict[str, torch.Tensor]:
+    from .quant import is_quantized
+
+    if is_quantized(model):
+        raise CheckpointError(
+            "this model's weights are quantized to int8 (an inference-only form); "
+            "save the model before quantize_int8, or load it again without quantize="
+        )
     sd = model.state_dict()
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
