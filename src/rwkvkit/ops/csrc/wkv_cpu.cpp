@@ -13,8 +13,14 @@
 // baseline ISA and for AVX2+FMA, picked at run time, so the cached build works
 // on any x86-64 machine without -march=native.
 
-#include <torch/extension.h>
+// Narrow ATen headers instead of <torch/extension.h>: parsing the latter is
+// most of the first build's time.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -70,9 +76,9 @@ void run_blocks(const WkvArgs<scalar_t>& a, BlockFn<scalar_t> fn) {
   });
 }
 
-void check(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
-           const torch::Tensor& v, const torch::Tensor& aa, const torch::Tensor& bb,
-           const torch::Tensor& pp) {
+void check(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+           const at::Tensor& v, const at::Tensor& aa, const at::Tensor& bb,
+           const at::Tensor& pp) {
   TORCH_CHECK(k.dim() == 3, "wkv_cpu: k must be [B, T, C]");
   const auto dt = k.scalar_type();
   for (const auto* x : {&w, &u, &k, &v, &aa, &bb, &pp}) {
@@ -88,9 +94,9 @@ void check(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& 
 }
 
 template <typename scalar_t>
-WkvArgs<scalar_t> inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
-                         const torch::Tensor& v, const torch::Tensor& aa,
-                         const torch::Tensor& bb, const torch::Tensor& pp) {
+WkvArgs<scalar_t> inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& aa,
+                         const at::Tensor& bb, const at::Tensor& pp) {
   WkvArgs<scalar_t> a{};
   a.w = w.data_ptr<scalar_t>();
   a.u = u.data_ptr<scalar_t>();
@@ -105,12 +111,12 @@ WkvArgs<scalar_t> inputs(const torch::Tensor& w, const torch::Tensor& u, const t
   return a;
 }
 
-std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                   torch::Tensor v, torch::Tensor aa_in, torch::Tensor bb_in,
-                                   torch::Tensor pp_in) {
+std::vector<at::Tensor> forward(at::Tensor w, at::Tensor u, at::Tensor k,
+                                   at::Tensor v, at::Tensor aa_in, at::Tensor bb_in,
+                                   at::Tensor pp_in) {
   check(w, u, k, v, aa_in, bb_in, pp_in);
-  auto y = torch::empty_like(k);
-  auto aa = torch::empty_like(aa_in), bb = torch::empty_like(bb_in), pp = torch::empty_like(pp_in);
+  auto y = at::empty_like(k);
+  auto aa = at::empty_like(aa_in), bb = at::empty_like(bb_in), pp = at::empty_like(pp_in);
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_cpu_forward", [&] {
     auto a = inputs<scalar_t>(w, u, k, v, aa_in, bb_in, pp_in);
     a.y = y.data_ptr<scalar_t>();
@@ -127,21 +133,21 @@ std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tens
 
 // Returns gw and gu as per-(b, c) partial sums [B, C] (the caller sums over
 // b), then gk, gv [B, T, C] and the gradients of aa_in, bb_in, pp_in.
-std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                    torch::Tensor v, torch::Tensor aa_in, torch::Tensor bb_in,
-                                    torch::Tensor pp_in, torch::Tensor gy, torch::Tensor gaa,
-                                    torch::Tensor gbb, torch::Tensor gpp) {
+std::vector<at::Tensor> backward(at::Tensor w, at::Tensor u, at::Tensor k,
+                                    at::Tensor v, at::Tensor aa_in, at::Tensor bb_in,
+                                    at::Tensor pp_in, at::Tensor gy, at::Tensor gaa,
+                                    at::Tensor gbb, at::Tensor gpp) {
   check(w, u, k, v, aa_in, bb_in, pp_in);
   check(w, u, gy, gy, gaa, gbb, gpp);
   const int64_t B = k.size(0), C = k.size(2);
-  auto saa = torch::empty_like(k), sbb = torch::empty_like(k), spp = torch::empty_like(k);
-  auto gk = torch::empty_like(k), gv = torch::empty_like(k);
-  auto gw = torch::empty_like(aa_in), gu = torch::empty_like(aa_in);
-  auto ga_in = torch::empty_like(aa_in), gb_in = torch::empty_like(aa_in),
-       gp_in = torch::empty_like(aa_in);
-  auto aa_out = torch::empty_like(aa_in), bb_out = torch::empty_like(aa_in),
-       pp_out = torch::empty_like(aa_in);
-  auto arg = torch::empty({B, C}, k.options().dtype(torch::kInt64));
+  auto saa = at::empty_like(k), sbb = at::empty_like(k), spp = at::empty_like(k);
+  auto gk = at::empty_like(k), gv = at::empty_like(k);
+  auto gw = at::empty_like(aa_in), gu = at::empty_like(aa_in);
+  auto ga_in = at::empty_like(aa_in), gb_in = at::empty_like(aa_in),
+       gp_in = at::empty_like(aa_in);
+  auto aa_out = at::empty_like(aa_in), bb_out = at::empty_like(aa_in),
+       pp_out = at::empty_like(aa_in);
+  auto arg = at::empty({B, C}, k.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_cpu_backward", [&] {
     auto a = inputs<scalar_t>(w, u, k, v, aa_in, bb_in, pp_in);
     a.aa_out = aa_out.data_ptr<scalar_t>();
