@@ -134,6 +134,16 @@ def _build_rwkv(opts: BenchOptions):
     return model.eval()
 
 
+def _rwkv_shape(opts: BenchOptions) -> tuple[int, int, int]:
+    """(layers, width, vocabulary) of the RWKV side, without loading weights."""
+    if opts.model is None:
+        return resolve_shape(opts)
+    from ..checkpoint import infer_config, read
+
+    cfg = infer_config(read(opts.model, meta=True))
+    return cfg.n_layer, cfg.n_embd, cfg.vocab_size
+
+
 def _build_gpt2(L: int, C: int, V: int, positions: int, seed: int):
     try:
         import torch
@@ -173,15 +183,16 @@ def _measure(kind: str, opts: BenchOptions) -> dict:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     rss0 = rss_bytes()
-    rwkv = _build_rwkv(opts)
-    cfg = rwkv.config
-    L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
     if kind == "rwkv":
-        model = rwkv
-        params = rwkv.num_parameters()
+        model = _build_rwkv(opts)
+        cfg = model.config
+        L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
+        params = model.num_parameters()
     else:
+        # The shape only: building the RWKV weights here would leave freed
+        # memory in this process and inflate the Transformer's RSS.
+        L, C, V = _rwkv_shape(opts)
         positions = max([opts.tokens + WARMUP_TOKENS + 1] + list(opts.prompt_lengths))
-        del rwkv
         model = _build_gpt2(L, C, V, positions, opts.seed)
         params = sum(p.numel() for p in model.parameters())
     rss_model = rss_bytes()
