@@ -16,14 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, shared_file
+from conftest import shared_file
 from util import hf_model, make_model, pip_model
 
 from rwkvkit.config import ModelConfig
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.eval import lambada, perplexity, read_lambada, score_continuations, split_passage, stream_nll
 from rwkvkit.eval.perplexity import text_pieces
-from rwkvkit.tokenizer import ByteTokenizer, load_tokenizer
+from rwkvkit.tokenizer import load_tokenizer
 
 BYTES_CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=256)
 
