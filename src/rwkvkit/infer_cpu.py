@@ -19,8 +19,6 @@ precomputed value's source changed in place (``time_decay``); see
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -66,39 +64,19 @@ def load_extension(force_fail: bool = False):
         return _ext
     _tried[False] = True
     try:
-        from torch.utils import cpp_extension
+        from ._cbuild import build_extension
 
-        # cpp_extension runs `ninja` from PATH; a venv's bin (where the ninja
-        # wheel puts it) is on PATH only when the venv is activated.
-        extra = [os.path.dirname(sys.executable)]
-        try:
-            import ninja
-
-            extra.append(ninja.BIN_DIR)
-        except ImportError:
-            pass
-        path = os.environ.get("PATH", "")
-        missing = [d for d in extra if d not in path.split(os.pathsep)]
-        if missing:
-            os.environ["PATH"] = os.pathsep.join(missing + [path])
         start = time.perf_counter()
         _log.info("building the fused CPU decoder (first use on this machine)")
-        ext = cpp_extension.load(
-            name="rwkvkit_infer_cpu_v2",
-            sources=[str(_SOURCE)],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        ext = build_extension("rwkvkit_infer_cpu_v2", [str(_SOURCE)], _CFLAGS, "fused C++ decoder")
         if ext.layer_slots() != LAYER_SLOTS:
             raise RuntimeError(f"table layout mismatch: C++ has {ext.layer_slots()} slots per layer, Python {LAYER_SLOTS}")
         _build_seconds = time.perf_counter() - start
         _ext = ext
     except Exception as exc:  # any failure means: fall back, say why once
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building")]
-        line = errors[0] if errors else (lines[0] if lines else "")
-        warnings.warn(_fail_message(f"{type(exc).__name__}: {line[:300]}"), RuntimeWarning, stacklevel=2)
+        from ._cbuild import failure_cause
+
+        warnings.warn(_fail_message(failure_cause(exc)), RuntimeWarning, stacklevel=2)
         _ext = None
     return _ext
 

@@ -11,8 +11,6 @@ the pure-PyTorch ``"torch"`` backend.  float32 and float64 run natively.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -51,30 +49,11 @@ def _build(force_fail: bool = False):
     try:
         if force_fail:
             raise RuntimeError("build disabled by _build(force_fail=True)")
-        from torch.utils import cpp_extension
+        from .._cbuild import build_extension
 
-        # cpp_extension runs `ninja` from PATH; a venv's bin (where the `ninja`
-        # wheel puts it) is only on PATH when the venv is activated.
-        extra = [os.path.dirname(sys.executable)]
-        try:
-            import ninja
-
-            extra.append(ninja.BIN_DIR)
-        except ImportError:
-            pass
-        path = os.environ.get("PATH", "")
-        missing = [d for d in extra if d not in path.split(os.pathsep)]
-        if missing:
-            os.environ["PATH"] = os.pathsep.join(missing + [path])
         start = time.perf_counter()
         _log.info("building (or loading the cached build of) the C++ WKV kernel")
-        ext = cpp_extension.load(
-            name="rwkvkit_wkv_cpu_v1",
-            sources=[str(s) for s in _SOURCES],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        ext = build_extension("rwkvkit_wkv_cpu_v1", [str(x) for x in _SOURCES], _CFLAGS, "C++ WKV kernel")
         _build_seconds = time.perf_counter() - start
         _log.info("C++ WKV kernel ready after %.1f s", _build_seconds)
     except Exception as exc:  # any failure means: fall back, say why once
@@ -90,11 +69,9 @@ def _build(force_fail: bool = False):
 
 
 def _cause(exc: BaseException) -> str:
-    """One line naming why a build failed: the compiler's first error if any."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building")]
-    line = errors[0] if errors else (lines[0] if lines else "")
-    return f"{type(exc).__name__}: {line[:300]}"
+    from .._cbuild import failure_cause
+
+    return failure_cause(exc)
 
 
 def uses_avx2() -> bool | None:

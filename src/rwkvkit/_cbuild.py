@@ -1,0 +1,72 @@
+"""Lazy builds of rwkvkit's C++ extensions (shared by ops/cpu.py and infer_cpu.py).
+
+The extensions compile on first use with torch.utils.cpp_extension and are
+cached in torch's extension folder; callers fall back to plain PyTorch when a
+build fails, with one warning naming :func:`failure_cause`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _put_ninja_on_path() -> None:
+    # cpp_extension runs `ninja` from PATH; a venv's bin (where the `ninja`
+    # wheel puts it) is on PATH only when the venv is activated.
+    extra = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        extra.append(ninja.BIN_DIR)
+    except ImportError:
+        pass
+    path = os.environ.get("PATH", "")
+    missing = [d for d in extra if d not in path.split(os.pathsep)]
+    if missing:
+        os.environ["PATH"] = os.pathsep.join(missing + [path])
+
+
+def _is_cached(cpp_extension, name: str) -> bool:
+    try:
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except Exception:  # a private helper; if it moves, just say nothing
+        return True
+    return any(folder.glob(f"{name}*.so"))
+
+
+def build_extension(name: str, sources: list[str], cflags: list[str], what: str):
+    """Compile (or load the cached build of) an extension; raises on failure.
+
+    A first compile takes tens of seconds, so it is announced on stderr once
+    (a cache load is silent).
+    """
+    # torch logs "No CUDA runtime is found" when cpp_extension is imported on a
+    # CPU-only machine: irrelevant here, and confusing in a user's terminal.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    _put_ninja_on_path()
+    if not _is_cached(cpp_extension, name):
+        print(f"rwkvkit: compiling the {what} (first use on this machine; cached afterwards) ...", file=sys.stderr, flush=True)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def failure_cause(exc: BaseException) -> str:
+    """One line naming why a build failed: the compiler's first error if any."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and not ln.startswith("Error building")]
+    line = errors[0] if errors else (lines[0] if lines else "")
+    return f"{type(exc).__name__}: {line[:300]}"
