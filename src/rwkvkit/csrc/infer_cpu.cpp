@@ -80,6 +80,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16(co
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + off);
 }
 
+// Unmasked form for whole 16-element chunks: the byte load folds into vpmovsxbd.
+template <bool I8>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16_full(const void* base, int64_t off) {
+  if (I8) {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + off));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+  }
+  return _mm512_loadu_ps(static_cast<const float*>(base) + off);
+}
+
 // GCC keeps the accumulators in registers only with a flat array, restrict
 // pointers and fully unrolled inner loops (else it stores them every step).
 #define RK_UNROLL _Pragma("GCC unroll 16")
@@ -95,7 +105,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const L
   int64_t i = 0;
   for (; i + 16 <= K; i += 16) {
     __m512 w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16<I8>(W, (row0 + r) * K + i, 0xFFFF);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16_full<I8>(W, (row0 + r) * K + i);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + b * ldx + i);
       RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
