@@ -30,12 +30,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import astuple, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
 from ..errors import RwkvkitError
 from ..sampling import SamplingConfig, make_generators, sample, update_penalty_state
+from ..generate import _StopMatcher  # the same hold-back rule as rwkvkit generate
 from ..state import State
 from .cache import PrefixCache
 
@@ -107,37 +108,6 @@ class GenRequest:
     def cancel(self) -> None:
         """Free this request's slots at the next scheduler iteration."""
         self.cancelled.set()
-
-
-class _StopMatcher:
-    """Holds back text that could still become a stop string, so a stop
-    string is never emitted, not even in part."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.pending = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was completed)."""
-        if not self.stops:
-            return piece, False
-        text = self.pending + piece
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.pending = ""
-            return text[:cut], True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
-        self.pending = text[len(text) - hold :]
-        return text[: len(text) - hold], False
-
-    def flush(self) -> str:
-        text, self.pending = self.pending, ""
-        return text
 
 
 class _Seq:
