@@ -540,3 +540,18 @@ def test_format_is_detected_by_content(tmp_path):
     # Legacy (non-zip) torch.save container: no mmap, still loads.
     torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     assert rwkvkit.load(tmp_path / "legacy.pth").config.dim_att == 24
+
+
+@pytest.mark.parametrize("head", [b"", b"\x80\x02", b"\x80\x1e", b"PK\x03\x04", b"\x10\x00\x00\x00\x00\x00\x00\x00{", b"ggmf"])
+def test_garbage_gives_one_clean_error(head, tmp_path, recwarn):
+    """Random bytes behind every header rwkvkit sniffs: a CheckpointError, never a crash or a torch warning."""
+    rng = np.random.default_rng(len(head))
+    for i in range(40):
+        body = rng.integers(0, 256, int(rng.integers(1, 3000)), dtype=np.uint8).tobytes()
+        path = tmp_path / f"junk{i}.bin"
+        path.write_bytes(head + body)
+        with pytest.raises(CheckpointError) as info:
+            rwkvkit.load(path)
+        msg = str(info.value)
+        assert str(path) in msg and "\n" not in msg and len(msg) < 600, msg
+    assert not [w for w in recwarn.list if "pickle" in str(w.message)], [str(w.message) for w in recwarn.list]

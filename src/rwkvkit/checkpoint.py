@@ -25,6 +25,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -175,8 +176,8 @@ def detect_format(path: "str | os.PathLike") -> str:
         return "rwkvcpp"
     if head[:4] == b"PK\x03\x04":
         return "pth"  # torch.save's zip container
-    if head[:1] == b"\x80":
-        return "pth"  # torch.save's legacy pickle container
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pth"  # torch.save's legacy pickle container (PROTO opcode, protocol 2-5)
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"  # u64 header length, then a JSON header
     raise CheckpointError(
@@ -248,24 +249,32 @@ def check_generation(ck: Checkpoint) -> None:
 def _torch_load(path: Path) -> dict:
     """torch.load that never runs arbitrary pickled code and maps big files."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            # The legacy (non-zip) container cannot be memory-mapped.
-            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
-                raise
-            with open(path, "rb") as fh:
-                if fh.read(4) == b"PK\x03\x04":
+        with warnings.catch_warnings():
+            # torch warns about odd pickle protocols in corrupt files; the error below says it better.
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                # The legacy (non-zip) container cannot be memory-mapped.
+                if "mmap" not in str(exc) and "zip" not in str(exc).lower():
                     raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+                with open(path, "rb") as fh:
+                    if fh.read(4) == b"PK\x03\x04":
+                        raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        msg = _first_line(exc)
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        # torch wraps the real reason in paragraphs of advice: "... WeightsUnpickler error: <reason>\n\nCheck ..."
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+        if detail:
+            reason = " ".join(detail.group(1).split())
+        else:
+            reason = _first_line(exc).split(". ")[0]
+        if "Unsupported global" in text:
             raise CheckpointError(
-                f"'{path}' holds Python objects other than tensors, which rwkvkit does not unpickle ({msg[:200]})"
+                f"'{path}' holds Python objects other than tensors, which rwkvkit does not unpickle ({reason[:200]})"
             ) from None
-        msg = msg.split(". ")[0]  # torch appends paragraphs of advice
-        raise CheckpointError(f"cannot read '{path}' as a PyTorch checkpoint, it is truncated or corrupt: {msg[:200]}") from None
+        raise CheckpointError(f"cannot read '{path}' as a PyTorch checkpoint, it is truncated or corrupt: {reason[:200]}") from None
     return obj
 
 
