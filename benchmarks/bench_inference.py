@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-repeats", type=int, default=3, help="timed prompt runs per figure (default 3)")
     p.add_argument("--pip-jit", choices=["0", "1"], default="1", help="RWKV_JIT_ON for the rwkv package (default 1)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pip", "hf", "int8", "ceilings"], help="leave these out")
+    p.add_argument("--huge-pages", action="store_true", help="RWKVKIT_HUGEPAGES=1: rwkvkit's decoder asks for 2 MiB pages (Linux)")
     return p.parse_args(argv)
 
 
@@ -290,6 +291,7 @@ def main(argv=None) -> None:
     # The rwkv package reads these when it is imported.
     os.environ["RWKV_JIT_ON"] = args.pip_jit
     os.environ["RWKV_CUDA_ON"] = "0"
+    os.environ["RWKVKIT_HUGEPAGES"] = "1" if args.huge_pages else "0"
     import torch
 
     torch.set_num_threads(args.threads)
@@ -302,7 +304,7 @@ def main(argv=None) -> None:
         except Exception:
             pass
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores visible, {args.threads} threads; {', '.join(versions)}; "
-          f"rwkv package RWKV_JIT_ON={args.pip_jit}")
+          f"rwkv package RWKV_JIT_ON={args.pip_jit}; rwkvkit huge pages {'on' if args.huge_pages else 'off'}")
     print(f"load average at start: {load_avg()}")
     ceilings = None
     if "ceilings" not in args.skip:

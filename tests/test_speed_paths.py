@@ -202,3 +202,27 @@ def test_large_batches_use_the_blas_path(ext, monkeypatch):
     fused, sf = _run(model, tokens, "auto")
     assert model._decode_plan is not None
     _assert_same(got, sg, fused, sf)
+
+
+def test_huge_pages_keep_the_weights(monkeypatch):
+    """use_huge_pages rebuilds the pages of big weight tensors in place: same
+    address, same values; it is off unless RWKVKIT_HUGEPAGES=1 and skips small tensors."""
+    import sys
+    from pathlib import Path
+
+    w = torch.randn(3000, 1024)  # 12 MB: several 2 MiB pages inside
+    small = torch.randn(100, 100)
+    before, ptr = w.clone(), w.data_ptr()
+    monkeypatch.delenv("RWKVKIT_HUGEPAGES", raising=False)
+    assert infer_cpu.use_huge_pages([w]) == 0  # opt-in
+    monkeypatch.setenv("RWKVKIT_HUGEPAGES", "1")
+    assert infer_cpu.use_huge_pages([small]) == 0
+    done = infer_cpu.use_huge_pages([w])
+    assert w.data_ptr() == ptr and torch.equal(w, before)
+    if done == 0:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+        why = "not Linux" if not sys.platform.startswith("linux") else (
+            "transparent huge pages are off" if not thp.exists() or "[never]" in thp.read_text()
+            else "the kernel refused MADV_COLLAPSE (older than Linux 6.1, or no free huge pages)")
+        pytest.skip(why)
+    assert done % (2 * 1024 * 1024) == 0 and 0 < done <= w.numel() * 4

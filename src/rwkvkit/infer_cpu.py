@@ -223,6 +223,7 @@ class DecodePlan:
         self.ln_out = (lnw, lnb)
         self.keep = keep
         self.ok = True
+        self.huge_bytes = use_huge_pages(t for t in keep if t.dim() == 2)
 
 
     def current(self) -> bool:
@@ -233,6 +234,52 @@ class DecodePlan:
             and tuple(map(_data_ptr, self.watch)) == self.ptrs
             and tuple(t._version for t in self.derived) == self.versions
         )
+
+
+# ---------------------------------------------------------------- huge pages
+_HUGE = 2 * 1024 * 1024
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+
+
+def use_huge_pages(tensors) -> int:
+    """With RWKVKIT_HUGEPAGES=1, ask Linux to back the weight matrices with 2 MiB
+    pages; returns the bytes now in huge pages (0 when off or unsupported).
+
+    Decoding streams every weight once per token.  With 4 KiB pages that is a
+    TLB miss every 4 KiB, and a 600 MB matrix-vector product here ran at 24.7
+    GB/s against 26.6 GB/s on 2 MiB pages.  ``MADV_COLLAPSE`` (Linux 6.1+)
+    rebuilds the already-filled pages of each tensor in place: no copy, the
+    same addresses, the same numbers.  It is opt-in because the rebuild is
+    not free (1.6 s for 584 MiB here, once per model): it pays off for a
+    server or long generations, not for a short one.  Best effort: a refusal
+    changes nothing.
+    """
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or os.environ.get("RWKVKIT_HUGEPAGES", "0") != "1":
+        return 0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    except (OSError, AttributeError):
+        return 0
+    done = 0
+    for t in tensors:
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        lo, hi = (start + _HUGE - 1) // _HUGE * _HUGE, end // _HUGE * _HUGE
+        if hi - lo < _HUGE:
+            continue
+        # MADV_HUGEPAGE first: with THP in "madvise" mode COLLAPSE needs no
+        # hint, but the hint keeps khugepaged from splitting the pages again.
+        madvise(lo, hi - lo, _MADV_HUGEPAGE)
+        if madvise(lo, hi - lo, _MADV_COLLAPSE) == 0:
+            done += hi - lo
+    return done
 
 
 def plan_for(model) -> DecodePlan | None:
