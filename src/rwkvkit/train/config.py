@@ -71,6 +71,7 @@ class TrainConfig:
     grad_checkpoint: bool = _f(False, "recompute time-mix and channel-mix activations in the backward pass (less memory, about a third more compute)", group="speed")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)", group="speed")
     wkv_backend: str = _f("auto", "WKV implementation: auto, cpu, torch, cuda, reference", group="speed", metavar="NAME")
+    parallel: str = _f("ddp", "under torchrun: ddp (every process holds all weights) or fsdp (weights, gradients and optimiser state sharded over the processes, for models that do not fit one device; full training only)", group="speed", choices=("ddp", "fsdp"))
     # ----------------------------------------------------------------- schedule
     seed: int = _f(0, "seed of the initial weights and of the data order", group="run")
     val_every: int = _f(100, "steps between validation passes (0 = only at the end)", group="run")
@@ -102,6 +103,8 @@ class TrainConfig:
             raise RwkvkitError(f"--tune {self.tune} fine-tunes an existing model: pass --init-from CHECKPOINT")
         if self.merge_lora and self.tune != "lora":
             raise RwkvkitError("--merge-lora needs --tune lora")
+        if self.parallel == "fsdp" and self.tune != "full":
+            raise RwkvkitError(f"--parallel fsdp shards full training only; --tune {self.tune} trains a few small tensors: use ddp")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

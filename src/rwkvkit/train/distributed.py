@@ -89,11 +89,57 @@ def any_across(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DDP (replicated weights, gradients all-reduced) around ``model``."""
+def wrap(model: torch.nn.Module, info: DistInfo, mode: str = "ddp") -> torch.nn.Module:
+    """DDP (replicated weights, gradients all-reduced) around ``model``, or
+    FSDP (``mode="fsdp"``, PyTorch's ``fully_shard``): each block's
+    time-mix and channel-mix (all of its matrices) is one shard unit, the
+    rest (embedding, head, the LayerNorms) the root's.  A unit's weights are
+    gathered just for its forward and backward, and each process keeps and
+    updates only its shard of weights, gradients and Adam state.  (Not whole
+    blocks: the model calls block 0's ``ln0`` outside the block's forward.)
+    Other models are sharded as one unit.  FSDP changes the model in place
+    and returns it."""
     if not info.enabled:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(model, "blocks", []):
+            for name in ("att", "ffn"):
+                if isinstance(getattr(block, name, None), torch.nn.Module):
+                    fully_shard(getattr(block, name))
+        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dev = next(model.parameters()).device
     return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+def full_state_dicts(module: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """The whole model and optimiser state of a sharded (FSDP) module, on the
+    CPU of every process, keyed by parameter name.  A collective: every
+    process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(module, options=opts), get_optimizer_state_dict(module, optimizer, options=opts)
+
+
+def load_full_state_dicts(module: torch.nn.Module, optimizer, model_sd: dict | None, optim_sd: dict | None) -> None:
+    """Inverse of :func:`full_state_dicts`: each process keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True)
+    if model_sd is not None:
+        set_model_state_dict(module, model_sd, options=opts)
+    if optim_sd is not None:
+        set_optimizer_state_dict(module, optimizer, optim_sd, options=opts)

@@ -191,22 +191,46 @@ def _save_model(model: nn.Module, folder: Path) -> None:
             torch.save(model.state_dict(), tmp / "model.pt")
 
 
-def _load_model_weights(model: nn.Module, folder: Path) -> None:
+def _save_model_state(model: nn.Module, sd: dict[str, torch.Tensor], folder: Path) -> None:
+    """:func:`_save_model` from a gathered state dict (FSDP) instead of the live model."""
+    from ..model import RWKV
+
+    if isinstance(model, RWKV):
+        with torch.device("meta"):
+            copy = RWKV(model.config)
+        copy.load_state_dict(sd, assign=True)  # the gathered CPU tensors, no second copy
+        _save_model(copy, folder)
+    else:
+        with atomic_dir(folder) as tmp:
+            torch.save(sd, tmp / "model.pt")
+
+
+def _read_model_weights(model: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
     import rwkvkit
     from ..model import RWKV
 
     if isinstance(model, RWKV):
-        model.load_state_dict(rwkvkit.load(folder, dtype=torch.float32).state_dict())
-    else:
-        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu"))
+        return rwkvkit.load(folder, dtype=torch.float32).state_dict()
+    return torch.load(folder / "model.pt", map_location="cpu")
 
 
-def save_checkpoint(out: Path, step: int, module: nn.Module, optimizer, cfg: TrainConfig, extra: dict) -> Path:
-    """Write ``OUT/checkpoints/step-N`` atomically, then point latest.json at it."""
+def _load_model_weights(model: nn.Module, folder: Path) -> None:
+    model.load_state_dict(_read_model_weights(model, folder))
+
+
+def save_checkpoint(out: Path, step: int, module: nn.Module, optimizer, cfg: TrainConfig, extra: dict,
+                    full: tuple[dict, dict] | None = None) -> Path:
+    """Write ``OUT/checkpoints/step-N`` atomically, then point latest.json at it.
+
+    ``full``: the (model, optimiser) state dicts gathered from an FSDP run
+    (:func:`distributed.full_state_dicts`), written instead of the live ones.
+    """
     base = _base_model(module)
     folder = out / "checkpoints" / f"step-{step:08d}"
     with atomic_dir(folder) as tmp:
-        if cfg.tune == "full":
+        if full is not None:
+            _save_model_state(base, full[0], tmp / "model")
+        elif cfg.tune == "full":
             _save_model(base, tmp / "model")
         elif cfg.tune == "lora":
             _unwrap_parallel(module).save_pretrained(str(tmp / "adapter"))
@@ -215,7 +239,8 @@ def save_checkpoint(out: Path, step: int, module: nn.Module, optimizer, cfg: Tra
         torch.save(
             {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": full[1] if full is not None else optimizer.state_dict(),
+                "parallel": "fsdp" if full is not None else "ddp",
                 "rng": _rng_state(),
                 "config": cfg.to_dict(),
                 # Weights of a full run live in model/; LoRA and state runs keep
@@ -243,8 +268,11 @@ def _state_tuner(module: nn.Module) -> StateTuner:
     return m
 
 
-def load_checkpoint(out: Path, module: nn.Module, optimizer, cfg: TrainConfig) -> dict:
-    """Restore weights, optimiser and RNG from ``OUT/latest.json``; returns trainer.pt."""
+def load_checkpoint(out: Path, module: nn.Module, optimizer, cfg: TrainConfig, fsdp: bool = False) -> dict:
+    """Restore weights, optimiser and RNG from ``OUT/latest.json``; returns trainer.pt.
+
+    ``fsdp``: ``module`` is sharded; every process reads the whole checkpoint
+    and keeps its shard (OUT must be on a file system all processes see)."""
     latest = out / "latest.json"
     if not latest.is_file():
         raise RwkvkitError(f"--resume: '{out}' has no latest.json (no checkpoint was written there)")
@@ -255,6 +283,18 @@ def load_checkpoint(out: Path, module: nn.Module, optimizer, cfg: TrainConfig) -
     st = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=False)
     if st["config"].get("tune") != cfg.tune:
         raise RwkvkitError(f"--resume: the checkpoint was trained with --tune {st['config'].get('tune')}, this run asks for {cfg.tune}")
+    saved_fsdp = st.get("parallel") == "fsdp"
+    if saved_fsdp != fsdp:
+        raise RwkvkitError(
+            f"--resume: the checkpoint was written by a {'--parallel fsdp' if saved_fsdp else 'non-FSDP'} run; "
+            f"resume it the same way (its optimiser state is stored {'by parameter name' if saved_fsdp else 'by parameter index'})"
+        )
+    if fsdp:
+        from . import distributed as dist_utils
+
+        dist_utils.load_full_state_dicts(module, optimizer, _read_model_weights(_base_model(module), folder / "model"), st["optimizer"])
+        _set_rng_state(st["rng"])
+        return st
     inner = _unwrap_parallel(module)
     with torch.no_grad():
         if cfg.tune == "full":
@@ -427,6 +467,10 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
     else:
         model = _build_model(cfg, train_data.vocab_size, device)
     model.train()
+    # FSDP replaces the parameters by sharded ones: shard before the optimiser sees them.
+    fsdp = info.enabled and cfg.parallel == "fsdp"
+    if fsdp:
+        model = dist_utils.wrap(model, info, "fsdp")
     groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.layerwise_lr)
     if not groups:
         raise RwkvkitError("nothing to train: every parameter is frozen")
@@ -437,9 +481,9 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
     # ---- resume
     start_step, elapsed0, tokens0 = 0, 0.0, 0
     if cfg.resume:
-        st = load_checkpoint(out, model, optimizer, cfg)
+        st = load_checkpoint(out, model, optimizer, cfg, fsdp=fsdp)
         start_step, elapsed0, tokens0 = st["step"], st.get("elapsed", 0.0), st.get("tokens", 0)
-    module = dist_utils.wrap(model, info)
+    module = model if fsdp else dist_utils.wrap(model, info)
 
     metrics_path = out / "metrics.jsonl"
     if main:
@@ -461,6 +505,7 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
     ran = 0
     last_val: dict[str, float] = {}
     stop_reason = "done"
+    full = None  # FSDP: the last gathered (model, optimiser) state
     with _StopFlag() as stop:
         while step < cfg.max_steps:
             t0 = time.perf_counter()
@@ -480,9 +525,9 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
 
             # ---- clip, update
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                grad_norm = _as_float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                grad_norm = _as_float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -515,9 +560,11 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
                 stop_reason = "interrupted" if stop.requested else "stopped"
             periodic = cfg.save_every > 0 and step % cfg.save_every == 0
             if periodic or want_stop or step == cfg.max_steps:
+                # FSDP: gathering the whole state is a collective, on every process.
+                full = dist_utils.full_state_dicts(module, optimizer) if fsdp else None
                 if main:
                     save_checkpoint(out, step, module, optimizer, cfg,
-                                    {"elapsed": row["elapsed_s"], "tokens": row["tokens"]})
+                                    {"elapsed": row["elapsed_s"], "tokens": row["tokens"]}, full=full)
                 if info.enabled:
                     torch.distributed.barrier()
             if want_stop:
@@ -527,11 +574,21 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
         metrics.close()
 
     summary = {"rank": info.rank, "steps": step, "stop": stop_reason, "trainable_params": n_trainable, "out": str(out), **last_val}
-    if main and step == cfg.max_steps:
-        _export(out, module, cfg)
-        if cfg.plot:
-            plot_metrics(metrics_path, out / "loss.png")
+    if step == cfg.max_steps:
+        if fsdp and full is None:  # a resumed run that had no step left
+            full = dist_utils.full_state_dicts(module, optimizer)
+        if main:
+            _export(out, module, cfg, full[0] if fsdp else None)
+            if cfg.plot:
+                plot_metrics(metrics_path, out / "loss.png")
     return summary
+
+
+def _as_float(norm: torch.Tensor) -> float:
+    """A gradient norm as a float (FSDP returns it as a DTensor)."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def _truncate_metrics(path: Path, start_step: int) -> None:
@@ -546,12 +603,15 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
         tmp.write_text("".join(r + "\n" for r in rows))
 
 
-def _export(out: Path, module: nn.Module, cfg: TrainConfig) -> None:
-    """The usable result: OUT/model (rwkvkit folder), OUT/adapter, OUT/state.safetensors."""
+def _export(out: Path, module: nn.Module, cfg: TrainConfig, full_sd: dict | None = None) -> None:
+    """The usable result: OUT/model (rwkvkit folder), OUT/adapter, OUT/state.safetensors.
+    ``full_sd``: the gathered weights of an FSDP run."""
     import rwkvkit
 
     inner = _unwrap_parallel(module)
-    if cfg.tune == "full":
+    if full_sd is not None:
+        _save_model_state(_base_model(inner), full_sd, out / "model")
+    elif cfg.tune == "full":
         _save_model(_base_model(inner), out / "model")
     elif cfg.tune == "lora":
         inner.save_pretrained(str(out / "adapter"))
