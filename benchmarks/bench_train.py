@@ -319,28 +319,62 @@ def cmd_shakespeare(args) -> None:
         print(f"{name:6s} {r['params']:10,d} {r['steps']:6d} {r['train_minutes']:8.1f} {r['val_bpc']:14.4f}")
     if "val_bpc_state_carried" in results.get("rwkv", {}):
         print(f"rwkv with the state carried through the whole validation text: {results['rwkv']['val_bpc_state_carried']:.4f} bits/char")
+    if args.plot:
+        plot_race(work, Path(args.plot))
+        print(f"plot: {args.plot}")
+
+
+def plot_race(work: Path, path: Path) -> None:
+    """Validation loss (bits/char) against training time, RWKV and GPT, from the runs' metrics files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, label in (("rwkv", "RWKV-4"), ("gpt", "GPT")):
+        f = work / name / "run" / "metrics.jsonl"
+        if not f.exists():
+            continue
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        val = [r for r in rows if "val_loss" in r]
+        ax.plot([r["elapsed_s"] / 60 for r in rows], [r["loss"] / math.log(2) for r in rows], lw=0.6, alpha=0.35)
+        ax.plot([r["elapsed_s"] / 60 for r in val], [r["val_loss"] / math.log(2) for r in val], "o-",
+                color=ax.lines[-1].get_color(), label=f"{label} validation (train: faint)")
+    ax.set_xlabel("training time (minutes, 2 CPU threads)")
+    ax.set_ylabel("loss (bits per character)")
+    ax.set_ylim(top=3.5)
+    ax.set_title("Tiny Shakespeare, same parameter count, same loop, same time")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 # ============================================================= long context
 @torch.no_grad()
-def loss_by_position(model, data, length: int, buckets: list[tuple[int, int]], max_windows: int) -> list[float]:
+def loss_by_position(model, data, length: int, buckets: list[tuple[int, int]], max_windows: int, stride: int = 0):
     """Mean loss (nats) of tokens at positions [a, b) of windows of ``length``
     tokens, each window run from an empty state in chunks of 512 with the
     state carried (exactly the same as one pass)."""
     model.eval()
+    dev = next(model.parameters()).device
     tok = torch.from_numpy(data.tokens[:].astype("int64"))
-    n = min(max_windows, (len(tok) - 1) // length)
+    stride = stride or length  # windows start every `stride` tokens (overlapping if < length)
+    n = min(max_windows, (len(tok) - 1 - length) // stride + 1)
     sums = torch.zeros(length, dtype=torch.float64)
-    for i in range(n):
-        x = tok[i * length : (i + 1) * length][None]
-        y = tok[i * length + 1 : (i + 1) * length + 1]
-        state, losses = None, []
-        for c in range(0, length, 512):
-            logits, state = model(x[:, c : c + 512], state)
-            losses.append(F.cross_entropy(logits[0], y[c : c + 512], reduction="none"))
-        sums += torch.cat(losses).double()
+    with torch.no_grad():
+        for i in range(n):
+            x = tok[i * stride : i * stride + length][None].to(dev)
+            y = tok[i * stride + 1 : i * stride + length + 1].to(dev)
+            state, losses = None, []
+            for c in range(0, length, 512):
+                logits, state = model(x[:, c : c + 512], state)
+                losses.append(F.cross_entropy(logits[0].float(), y[c : c + 512], reduction="none"))
+            sums += torch.cat(losses).double().cpu()
     per_pos = sums / n
-    return [float(per_pos[a:b].mean()) for a, b in buckets], n
+    return [float(per_pos[a:b].mean()) for a, b in buckets], n, per_pos
 
 
 def cmd_long_context(args) -> None:
@@ -353,26 +387,55 @@ def cmd_long_context(args) -> None:
     print(f"# machine: {machine()}")
     print(f"# data {args.text}; model {args.layers} x {args.width}; window {args.ctx}; {args.steps} steps each, "
           f"{args.ctx * args.chunks} tokens per sample")
-    out = {}
+    out, curves = {}, {}
     for name, chunks, batch in (("no carry", 1, args.chunks), ("state carry", args.chunks, 1)):
         # Same tokens per step: the no-carry run sees `chunks` short samples,
         # the carry run one long sample cut into `chunks` windows.
         cfg = TrainConfig(data=str(data), out=str(work / name.replace(" ", "_")), n_layer=args.layers, n_embd=args.width,
                           ctx_len=args.ctx, bptt_chunks=chunks, batch_size=batch * args.batch, max_steps=args.steps,
                           lr_init=args.lr, lr_final=args.lr / 10, val_every=0, val_windows=8, save_every=0,
-                          progress=False, plot=False, threads=args.threads, wkv_backend=args.backend)
+                          progress=False, plot=False, threads=args.threads, wkv_backend=args.backend,
+                          device=args.device, precision=args.precision, time_limit=args.minutes)
         model = RWKV(ModelConfig(n_layer=args.layers, n_embd=args.width, vocab_size=256))
         init_weights(model, seed=0)
         model.wkv_backend = args.backend
         t0 = time.perf_counter()
-        train(cfg, model=model)
-        losses, n = loss_by_position(model, val, 4096, buckets, args.windows)
+        summary = train(cfg, model=model)
+        losses, n, per_pos = loss_by_position(model, val, 4096, buckets, args.windows, args.stride)
         out[name] = losses
-        print(f"{name}: trained {time.perf_counter() - t0:.0f} s; val loss (nats) by position "
+        curves[name] = per_pos
+        print(f"{name}: {summary['steps']} steps in {time.perf_counter() - t0:.0f} s; val loss (nats) by position "
               + ", ".join(f"{a}-{b}: {v:.4f}" for (a, b), v in zip(buckets, losses)) + f" ({n} windows of 4096)", flush=True)
     print(f"\n{'positions':>12s} " + " ".join(f"{k:>12s}" for k in out))
     for i, (a, b) in enumerate(buckets):
         print(f"{f'{a}-{b}':>12s} " + " ".join(f"{v[i]:12.4f}" for v in out.values()))
+    if args.plot:
+        _plot_by_position(curves, args.ctx, Path(args.plot))
+        print(f"plot: {args.plot}")
+
+
+def _plot_by_position(curves: dict, window: int, path: Path) -> None:
+    """Validation loss against position (log axis, averaged over octave-spaced bins)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = [0, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, per_pos in curves.items():
+        mids = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+        vals = [float(per_pos[a:b].mean()) for a, b in zip(edges, edges[1:])]
+        ax.plot(mids, vals, marker="o", label=name)
+    ax.axvline(window, color="grey", ls="--", lw=1, label=f"training window ({window})")
+    ax.set_xscale("log")
+    ax.set_xlabel("position in a 4096-token validation window")
+    ax.set_ylabel("validation loss (nats per byte)")
+    ax.set_title("Loss by position, trained with and without state carry")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 # =============================================================== cuda check
@@ -452,6 +515,7 @@ def main(argv=None) -> None:
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--warmup", type=int, default=50)
     s.add_argument("--backend", default="auto")
+    s.add_argument("--plot", default="", help="draw validation loss against time for both models to this PNG")
 
     s = sub.add_parser("long-context", help="val loss at positions 0-256, 256-1024, 1024-4096, with / without state carry")
     s.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
@@ -465,6 +529,12 @@ def main(argv=None) -> None:
     s.add_argument("--lr", type=float, default=2e-3)
     s.add_argument("--windows", type=int, default=24, help="validation windows of 4096 tokens")
     s.add_argument("--backend", default="auto")
+    s.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    s.add_argument("--minutes", type=float, default=0.0, help="time limit per run (0 = none; the run stops early, cleanly)")
+    s.add_argument("--plot", default="", help="draw loss by position to this PNG")
+    s.add_argument("--stride", type=int, default=0, help="validation windows start every STRIDE tokens (0 = 4096, no overlap); "
+                   "a smaller stride puts different text at each position")
 
     s = sub.add_parser("cuda-check", help="the trainer on a GPU: bf16, speed, gradient checkpointing, resume")
     s.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
