@@ -312,3 +312,25 @@ def test_cpu_build_time_is_reported(record_property):
     seconds = cpu.build_seconds()
     assert seconds is not None and seconds > 0
     record_property("wkv_cpu_build_seconds", seconds)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_bad_shapes_name_what_was_expected(backend):
+    from rwkvkit.errors import InputShapeError, RwkvkitError
+
+    B, T, C = 2, 5, 8
+    w, u = -torch.rand(C), torch.rand(C)
+    k, v = torch.randn(B, T, C), torch.randn(B, T, C)
+    good = (torch.zeros(B, C), torch.zeros(B, C), torch.full((B, C), -1e30))
+    cases = [
+        ((w, u, k[0], v, None), "k must be [B, T, C], got shape (5, 8)"),
+        ((w, u, k, v[:, :3], None), "v has shape (2, 3, 8), expected (2, 5, 8)"),
+        ((w[:4], u, k, v, None), "w and u must be [8], got (4,) and (8,)"),
+        ((w, u, k, v, good[:2]), "state must be a tuple (aa, bb, pp)"),
+        ((w, u, k, v, (good[0], good[1][:1], good[2])), "state bb has shape (1, 8), expected (2, 8)"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(InputShapeError) as info:
+            ops.wkv(*args, backend=backend)
+        assert msg in str(info.value)
+        assert isinstance(info.value, RwkvkitError) and isinstance(info.value, ValueError)

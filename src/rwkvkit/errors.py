@@ -21,3 +21,7 @@ class UnsupportedModelError(CheckpointError):
 
 class ShapeError(CheckpointError):
     """A tensor in a checkpoint has a shape that does not fit the rest of the model."""
+
+
+class InputShapeError(RwkvkitError, ValueError):
+    """An argument to an operator (the WKV kernel, a model call) has the wrong shape or layout."""

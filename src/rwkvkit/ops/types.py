@@ -6,6 +6,8 @@ from typing import Tuple
 
 import torch
 
+from ..errors import InputShapeError
+
 # (aa, bb, pp), each [B, C], float32 (float64 in gradient checks).
 WKVState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -27,16 +29,16 @@ def initial_state(B: int, C: int, dtype: torch.dtype, device) -> WKVState:
 
 def check_inputs(w, u, k, v, state) -> tuple[int, int, int]:
     if k.dim() != 3:
-        raise ValueError(f"wkv: k must be [B, T, C], got shape {tuple(k.shape)}")
+        raise InputShapeError(f"wkv: k must be [B, T, C], got shape {tuple(k.shape)}")
     B, T, C = k.shape
     if v.shape != k.shape:
-        raise ValueError(f"wkv: v has shape {tuple(v.shape)}, expected {tuple(k.shape)} like k")
+        raise InputShapeError(f"wkv: v has shape {tuple(v.shape)}, expected {tuple(k.shape)} like k")
     if w.shape != (C,) or u.shape != (C,):
-        raise ValueError(f"wkv: w and u must be [{C}], got {tuple(w.shape)} and {tuple(u.shape)}")
+        raise InputShapeError(f"wkv: w and u must be [{C}], got {tuple(w.shape)} and {tuple(u.shape)}")
     if state is not None:
         if len(state) != 3:
-            raise ValueError("wkv: state must be a tuple (aa, bb, pp)")
+            raise InputShapeError("wkv: state must be a tuple (aa, bb, pp)")
         for name, s in zip(("aa", "bb", "pp"), state):
             if s.shape != (B, C):
-                raise ValueError(f"wkv: state {name} has shape {tuple(s.shape)}, expected {(B, C)}")
+                raise InputShapeError(f"wkv: state {name} has shape {tuple(s.shape)}, expected {(B, C)}")
     return B, T, C
