@@ -244,3 +244,40 @@ def test_vocab_mismatch_is_caught(world):
         check_vocab(ByteTokenizer(), 50277)
     check_vocab(world, 65536)  # World models have 6 unused rows
     check_vocab(ByteTokenizer(), 256)
+
+
+def test_download_20b_with_a_stand_in_hub(tmp_path, monkeypatch, ours_20b):
+    """--download-tokenizer: the hub's file is copied once into the user cache
+    (atomically) and used from there; a failed download is one clean error.
+    The network call is replaced by a stand-in (no network in tests)."""
+    pytest.importorskip("huggingface_hub")
+    import huggingface_hub
+
+    from rwkvkit import tokenizer as tk
+    from rwkvkit.errors import RwkvkitError
+
+    src = shared_file("tokenizers/20B_tokenizer.json")
+    monkeypatch.setattr(tk, "user_cache_dir", lambda: tmp_path / "cache")
+    calls = []
+
+    def fake_download(repo, filename, **kw):
+        calls.append((repo, filename))
+        return str(src)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(RwkvkitError, match="--download-tokenizer"):
+        tk.find_20b()  # no download allowed: names the flag
+    path = tk.find_20b(download=True)
+    assert path == tmp_path / "cache" / tk.TWENTY_B_FILE and path.read_bytes() == src.read_bytes()
+    assert calls == [(tk.TWENTY_B_HUB_REPO, "tokenizer.json")]
+    tok = load_tokenizer("20B", download=True)  # now from the cache, no second download
+    assert len(calls) == 1 and list(tok.encode("Hello world")) == list(ours_20b.encode("Hello world"))
+
+    def failing(repo, filename, **kw):
+        raise OSError("Connection refused\nmore details")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    path.unlink()
+    with pytest.raises(RwkvkitError, match=r"could not download the 20B tokenizer from .*: Connection refused$"):
+        tk.find_20b(download=True)
+    assert not path.exists()

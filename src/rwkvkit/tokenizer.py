@@ -469,7 +469,7 @@ def find_20b(search: Sequence["str | os.PathLike"] = (), *, download: bool = Fal
     )
 
 
-def _download_20b(target: Path) -> Path:  # pragma: no cover - needs a network
+def _download_20b(target: Path) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
