@@ -555,3 +555,13 @@ def test_garbage_gives_one_clean_error(head, tmp_path, recwarn):
         msg = str(info.value)
         assert str(path) in msg and "\n" not in msg and len(msg) < 600, msg
     assert not [w for w in recwarn.list if "pickle" in str(w.message)], [str(w.message) for w in recwarn.list]
+
+
+def test_big_loads_show_progress(tmp_path, monkeypatch, capsys):
+    torch.save(random_state_dict(ODD, seed=3), tmp_path / "m.pth")
+    monkeypatch.setattr(checkpoint, "_PROGRESS_BYTES", 0)  # every file counts as big
+    rwkvkit.load(tmp_path / "m.pth")
+    assert "loading m.pth" not in capsys.readouterr().err  # progress is off by default
+    rwkvkit.load(tmp_path / "m.pth", progress=True)
+    err = capsys.readouterr().err
+    assert "loading m.pth" in err and "159k" in err  # the bar counts the bytes of the file's tensors

@@ -516,6 +516,9 @@ def infer_config(ck: Checkpoint) -> ModelConfig:
 
 
 # --------------------------------------------------------------------- load
+_PROGRESS_BYTES = 256 * 2**20  # with progress=True, files above this size show a bar while loading
+
+
 def load(
     path: "str | os.PathLike",
     *,
@@ -564,6 +567,12 @@ def load(
     if target is None:
         target = ck.default_dtype
     sd = {}
+    # Reading a memory-mapped file happens here, tensor by tensor: a bar for big files.
+    total = sum(v.numel() * v.element_size() for v in ck.tensors.values())
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {Path(path).name}", leave=False,
+               disable=not progress or total < _PROGRESS_BYTES)
     for k, v in ck.tensors.items():
         # Without an explicit dtype, decays and bonuses stored in fp32 stay fp32
         # (the WKV operator runs in fp32 anyway): casting them would change
@@ -572,6 +581,8 @@ def load(
             sd[k] = v.contiguous()
         else:
             sd[k] = v.to(target).contiguous()
+        bar.update(v.numel() * v.element_size())
+    bar.close()
     # Built on the meta device and filled by assignment: no second copy of the
     # weights, and memory-mapped tensors stay mapped until first written.
     with torch.device("meta"):

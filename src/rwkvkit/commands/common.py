@@ -21,8 +21,8 @@ def load_model_arg(path: "str | Path", **kw):
     Takes the keywords of :func:`rwkvkit.load` (``dtype``, ``device``,
     ``rescale_every``, ``ln0_fold_dtype``) and turns every input problem,
     including a bad dtype or device name, into one-line
-    :class:`~rwkvkit.errors.RwkvkitError`; shows progress while reading large
-    rwkv.cpp files.
+    :class:`~rwkvkit.errors.RwkvkitError`; shows a progress bar while reading
+    large checkpoints.
     """
     from ..checkpoint import load
     from ..config import dtype_from_name
