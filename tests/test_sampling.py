@@ -160,3 +160,20 @@ def test_bad_settings_are_refused(field, value):
         SamplingConfig(**{field: value}).validate()
     with pytest.raises(RwkvkitError, match="banned token"):
         SamplingConfig(banned_tokens=(300,)).validate(vocab_size=256)
+
+
+def test_logit_bias_is_added_before_everything_else():
+    from rwkvkit.errors import RwkvkitError
+    from rwkvkit.sampling import SamplingConfig, add_logit_bias, sample
+
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    got = add_logit_bias(logits, ((0, 5.0), (2, -1.5)))
+    assert torch.equal(got, torch.tensor([[6.0, 2.0, 1.5, 0.5], [5.0, 0.0, -1.5, 0.0]]))
+    assert torch.equal(logits[0], torch.tensor([1.0, 2.0, 3.0, 0.5]))  # a copy
+    # Greedy follows the biased logits; a ban still wins over a bias.
+    assert sample(logits, SamplingConfig(temperature=0, logit_bias=((0, 5.0),))).tolist() == [0, 0]
+    assert sample(logits, SamplingConfig(temperature=0, logit_bias=((0, 5.0),), banned_tokens=(0,))).tolist() == [2, 1]
+    with pytest.raises(RwkvkitError, match="must be in \\[-100, 100\\]"):
+        SamplingConfig(logit_bias=((1, 150.0),)).validate()
+    with pytest.raises(RwkvkitError, match="outside the vocabulary"):
+        SamplingConfig(logit_bias=((9, 1.0),)).validate(vocab_size=4)

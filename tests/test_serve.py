@@ -260,6 +260,26 @@ def test_concurrent_requests_equal_alone(server):
 
 
 # -------------------------------------------------------------- bad input
+def test_logit_bias(server, model, tok):
+    c = client(server[0])
+    prompt = "The quick brown fox"
+    plain = _greedy_alone(model, tok, prompt, 20).text
+    first = plain.encode()[0]  # ban the character greedy decoding starts with; favour "z" a little
+    r = c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0,
+                             logit_bias={str(first): -100, str(ord("z")): 5})
+    ref = complete(model, tok, prompt, max_tokens=20, temperature=0, logit_bias={first: -100, ord("z"): 5})[0]
+    assert r.choices[0].text == ref.text != plain
+    assert chr(first) not in r.choices[0].text
+    # +100 all but forces a token, even when sampling.
+    r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                  temperature=0.8, seed=3, logit_bias={str(ord("q")): 100})
+    assert r.choices[0].message.content == "q" * 8
+    for bad in ({"x": 1}, {"256": 1}, {"65": 101}, {"-1": 0}):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=NAME, prompt="x", max_tokens=2, logit_bias=bad)
+        assert e.value.body["param"] == "logit_bias", bad
+
+
 def test_errors_are_openai_shaped_4xx(server):
     base, _ = server
     c = client(base)

@@ -72,6 +72,8 @@ class GenerationConfig(SamplingConfig):
             cfg.stop = (cfg.stop,)
         cfg.stop = tuple(cfg.stop)
         cfg.banned_tokens = tuple(int(t) for t in cfg.banned_tokens)
+        bias = cfg.logit_bias.items() if isinstance(cfg.logit_bias, dict) else cfg.logit_bias
+        cfg.logit_bias = tuple(sorted((int(t), float(b)) for t, b in bias))  # {id: bias} or pairs
         if cfg.stop_tokens is not None:
             cfg.stop_tokens = tuple(int(t) for t in cfg.stop_tokens)
         return cfg

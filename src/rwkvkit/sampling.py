@@ -69,6 +69,9 @@ class SamplingConfig:
     penalty_decay: float = 0.996
     # Ids that are never produced.
     banned_tokens: tuple[int, ...] = field(default_factory=tuple)
+    # (id, bias) pairs added to the logits before everything else (OpenAI's
+    # logit_bias: -100 all but bans a token, +100 all but forces it).
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     # Reproduce the `rwkv` package's top_p = 1.0 -> greedy collapse.
     rwkv_top_p_quirk: bool = False
 
@@ -88,10 +91,16 @@ class SamplingConfig:
             value = getattr(self, name)
             if value != value or abs(value) == float("inf"):
                 raise RwkvkitError(f"{name} must be a finite number, got {value}")
+        for t, b in self.logit_bias:
+            if not -100 <= b <= 100:
+                raise RwkvkitError(f"logit_bias of token {t} must be in [-100, 100], got {b}")
         if vocab_size is not None:
             for t in self.banned_tokens:
                 if not 0 <= int(t) < vocab_size:
                     raise RwkvkitError(f"banned token {t} is outside the vocabulary 0..{vocab_size - 1}")
+            for t, _ in self.logit_bias:
+                if not 0 <= int(t) < vocab_size:
+                    raise RwkvkitError(f"logit_bias token {t} is outside the vocabulary 0..{vocab_size - 1}")
 
     @property
     def uses_penalties(self) -> bool:
@@ -105,6 +114,17 @@ def ban_tokens(logits: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
         return logits
     out = logits.clone()
     out[..., list(banned)] = float("-inf")
+    return out
+
+
+def add_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """logits [B, V] plus ``bias`` ((id, value) pairs) on those ids (a copy)."""
+    if not len(bias):
+        return logits
+    ids = torch.tensor([int(t) for t, _ in bias], device=logits.device)
+    vals = torch.tensor([float(b) for _, b in bias], dtype=logits.dtype, device=logits.device)
+    out = logits.clone()
+    out[..., ids] += vals
     return out
 
 
@@ -240,7 +260,7 @@ def sample(
     squeeze = logits.dim() == 1
     if squeeze:
         logits = logits[None]
-    logits = ban_tokens(logits.float(), cfg.banned_tokens)
+    logits = ban_tokens(add_logit_bias(logits.float(), cfg.logit_bias), cfg.banned_tokens)
     if counts is not None and seen is not None:
         logits = apply_penalties(logits, counts, seen, cfg.presence_penalty, cfg.frequency_penalty)
     if cfg.temperature == 0:
@@ -259,6 +279,7 @@ def sample(
 __all__ = [
     "SamplingConfig",
     "ban_tokens",
+    "add_logit_bias",
     "apply_penalties",
     "update_penalty_state",
     "penalty_weights",

@@ -115,6 +115,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
         seed: int | None = None
         user: str | None = None
+        logit_bias: dict[str, float] | None = None
         # rwkvkit extensions (send them with the openai client's extra_body).
         top_k: int = Field(default=0, ge=0)
         min_p: float = Field(default=0.0, ge=0, le=1)
@@ -221,7 +222,19 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
         if any(s == "" for s in user_stops):
             raise ApiError(400, "stop: stop sequences must be non-empty", param="stop")
+        bias = []
+        for key, value in (body.logit_bias or {}).items():
+            try:
+                tid = int(key)
+            except ValueError:
+                raise ApiError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias") from None
+            if not 0 <= tid < engine.model.config.vocab_size:
+                raise ApiError(400, f"logit_bias: token {tid} is outside the vocabulary 0..{engine.model.config.vocab_size - 1}", param="logit_bias")
+            if not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: the bias of token {tid} must be in [-100, 100], got {value}", param="logit_bias")
+            bias.append((tid, float(value)))
         sampling = SamplingConfig(
+            logit_bias=tuple(sorted(bias)),
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
