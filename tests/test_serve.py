@@ -280,6 +280,40 @@ def test_logit_bias(server, model, tok):
         assert e.value.body["param"] == "logit_bias", bad
 
 
+def test_chat_logprobs_equal_the_model(server, model, tok):
+    c = client(server[0])
+    messages = [{"role": "user", "content": "Tell me"}]
+    r = c.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == r.usage.completion_tokens and len(entries) > 0
+    # The reference: the whole text in one parallel pass, log-softmax at each generated position.
+    rendered = "User: Tell me\n\nAssistant:"
+    gen = [b for e in entries for b in e.bytes]
+    ids = torch.tensor([list(rendered.encode()) + gen])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(ids)[0][0], -1)
+    p0 = len(rendered.encode()) - 1
+    for j, e in enumerate(entries):
+        assert len(e.bytes) == 1 and e.token == bytes(e.bytes).decode("utf-8", "replace")
+        assert abs(e.logprob - ref[p0 + j, e.bytes[0]].item()) < 1e-4
+        top = torch.topk(ref[p0 + j], 3)
+        assert [t.bytes[0] for t in e.top_logprobs] == top.indices.tolist()
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)  # greedy takes the most likely
+    assert bytes(gen).decode().lstrip() == r.choices[0].message.content
+    # Streaming carries the same entries, spread over the chunks.
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.bytes, round(e.logprob, 5)) for e in streamed] == [(e.bytes, round(e.logprob, 5)) for e in entries]
+    # Off unless asked; top_logprobs alone is refused.
+    plain = c.chat.completions.create(model=NAME, messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=NAME, messages=messages, max_tokens=4, top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs"
+
+
 def test_errors_are_openai_shaped_4xx(server):
     base, _ = server
     c = client(base)

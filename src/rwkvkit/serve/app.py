@@ -139,7 +139,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
     class ChatBody(Sampling):
         messages: list[Message] = Field(min_length=1)
         max_completion_tokens: int | None = Field(default=None, ge=1)
-        logprobs: Literal[False] | None = None
+        logprobs: bool | None = None
+        top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     # -------------------------------------------------------------- errors
     class ApiError(Exception):
@@ -254,7 +255,12 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             )
         if body.n > engine.config.max_batch:
             raise ApiError(400, f"n is {body.n}, this server allows at most {engine.config.max_batch}", param="n")
+        want_logprobs = getattr(body, "logprobs", None)
+        top_logprobs = getattr(body, "top_logprobs", None)
+        if top_logprobs is not None and not want_logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return GenRequest(
+            logprobs=(top_logprobs or 0) if want_logprobs else None,
             ids=ids,
             sampling=sampling,
             max_tokens=mt,
@@ -495,11 +501,27 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         queue = submit(req)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(index: int, delta: dict, finish=None) -> dict:
+        def chunk(index: int, delta: dict, finish=None, logprobs=None) -> dict:
             return {
                 "id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
             }
+
+        def token_entry(tid: int, lp: float) -> dict:
+            raw = tok.token_bytes(tid)
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(raw)}
+
+        def logprob_entry(ev: dict) -> dict:
+            return {**token_entry(ev["token"], ev["logprob"]), "top_logprobs": [token_entry(t, lp) for t, lp in ev["top"]]}
+
+        # Streaming: entries wait for the next chunk of their choice.
+        pending: list[list[dict]] = [[] for _ in range(req.n)]
+
+        def take_pending(index: int):
+            if req.logprobs is None:
+                return None
+            out, pending[index] = pending[index], []
+            return {"content": out}
 
         # The model writes "Assistant: reply": the space after the colon is
         # part of the format, not of the reply.
@@ -517,13 +539,15 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                 for i in range(req.n):
                     yield sse(chunk(i, {"role": "assistant", "content": ""}))
                 async for ev in events(req, queue, None):
-                    if ev["type"] == "text":
+                    if ev["type"] == "logprob":
+                        pending[ev["index"]].append(logprob_entry(ev))
+                    elif ev["type"] == "text":
                         text = content(ev["index"], ev["text"])
                         if text:
-                            yield sse(chunk(ev["index"], {"content": text}))
+                            yield sse(chunk(ev["index"], {"content": text}, logprobs=take_pending(ev["index"])))
                     elif ev["type"] == "done":
                         total += ev["completion_tokens"]
-                        yield sse(chunk(ev["index"], {}, ev["finish_reason"]))
+                        yield sse(chunk(ev["index"], {}, ev["finish_reason"], logprobs=take_pending(ev["index"])))
                 if body.stream_options and body.stream_options.include_usage:
                     yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name, "choices": [], "usage": usage(req, total)})
                 yield "data: [DONE]\n\n"
@@ -535,7 +559,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         total = 0
         try:
             async for ev in events(req, queue, request):
-                if ev["type"] == "text":
+                if ev["type"] == "logprob":
+                    pending[ev["index"]].append(logprob_entry(ev))
+                elif ev["type"] == "text":
                     texts[ev["index"]].append(content(ev["index"], ev["text"]))
                 elif ev["type"] == "done":
                     reasons[ev["index"]] = ev["finish_reason"]
@@ -545,7 +571,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         return {
             "id": rid, "object": "chat.completion", "created": now, "model": model_name,
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])}, "logprobs": None, "finish_reason": reasons[i]}
+                {"index": i, "message": {"role": "assistant", "content": "".join(texts[i])}, "logprobs": take_pending(i), "finish_reason": reasons[i]}
                 for i in range(req.n)
             ],
             "usage": usage(req, total),

@@ -90,6 +90,8 @@ class GenRequest:
     # Called on the scheduler thread with one event dict at a time:
     # {"type": "start", "cached_tokens": int}
     # {"type": "text", "index": i, "text": str}
+    # {"type": "logprob", "index": i, "token": id, "logprob": float, "top": [(id, logprob), ...]}
+    #     (only with ``logprobs`` set; before the text of that token)
     # {"type": "done", "index": i, "finish_reason": str, "completion_tokens": int}
     # {"type": "error", "message": str}
     emit: Callable[[dict], None]
@@ -100,6 +102,10 @@ class GenRequest:
     # Token positions inside the prompt (e.g. ends of chat messages) whose
     # states are worth caching for later prompts.
     snapshots: tuple[int, ...] = ()
+    # None: no log-probabilities; k >= 0: report each sampled token's
+    # log-probability under the model (before temperature, penalties and
+    # logit_bias) and the k most likely alternatives.
+    logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the scheduler.
     cached_tokens: int = 0
@@ -445,6 +451,8 @@ class Engine:
     def _step(self) -> None:
         rows = self._rows
         toks = self._sample_all()
+        want = [i for i, s in enumerate(rows) if s.req.logprobs is not None]
+        logp = torch.log_softmax(self._logits[want].float(), dim=-1).cpu() if want else None
         keep: list[int] = []  # rows that go on
         fed_done: list[int] = []  # rows that finished but are fed once more, for the cache
         for i, (s, t) in enumerate(zip(rows, toks)):
@@ -455,6 +463,13 @@ class Engine:
                 self._finish(s, "stop_token")
                 continue
             s.tokens.append(t)
+            if s.req.logprobs is not None:
+                lp = logp[want.index(i)]
+                top = []
+                if s.req.logprobs > 0:
+                    vals, ids = lp.topk(s.req.logprobs)
+                    top = list(zip(ids.tolist(), vals.tolist()))
+                self._safe_emit(s.req, {"type": "logprob", "index": s.index, "token": t, "logprob": float(lp[t]), "top": top})
             piece, hit = s.matcher.feed(s.decoder.push(t))
             if piece:
                 self._safe_emit(s.req, {"type": "text", "index": s.index, "text": piece})
