@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 
+from bench_inference import cpu_name  # the same machine line in both reports (stdlib-only import)
 from rwkvkit.ops import cpu
 from rwkvkit.ops.chunked import DEFAULT_CHUNK, wkv_chunked
 from rwkvkit.ops.reference import wkv_reference
@@ -56,16 +56,6 @@ def timed(fn, args, backward: bool, repeats: int) -> float:
         if i > 1:
             best = min(best, elapsed)
     return best
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -84,3 +84,23 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def jsonl_field(path: Path, field: str) -> Iterator[tuple[str, int]]:
+    """(the string ``field`` of each non-empty line's JSON object, bytes of that
+    line) for a jsonl file; a bad line raises RwkvkitError naming file and line."""
+    import json
+
+    from .errors import RwkvkitError
+
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RwkvkitError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                raise RwkvkitError(f"{path}:{lineno}: expected a JSON object with a string field {field!r}")
+            yield obj[field], len(line)

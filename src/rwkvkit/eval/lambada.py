@@ -11,7 +11,6 @@ Passages are scored in batches (:func:`~rwkvkit.eval.scoring.score_continuations
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import RwkvkitError
+from ..io_utils import jsonl_field
 from .scoring import score_continuations
 
 # Where `rwkvkit eval --task lambada` looks when no --data is given.
@@ -61,19 +61,10 @@ def read_lambada(path: "str | os.PathLike", limit: int | None = None) -> list[st
     if not path.is_file():
         raise RwkvkitError(f"LAMBADA file '{path}' does not exist")
     texts = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RwkvkitError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise RwkvkitError(f'{path}:{lineno}: expected a JSON object with a string field "text"')
-            texts.append(obj["text"])
-            if limit is not None and len(texts) >= limit:
-                break
+    for text, _ in jsonl_field(path, "text"):
+        texts.append(text)
+        if limit is not None and len(texts) >= limit:
+            break
     if not texts:
         raise RwkvkitError(f"LAMBADA file '{path}' holds no passages")
     return texts

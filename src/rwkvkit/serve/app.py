@@ -223,19 +223,16 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             raise ApiError(400, "stop: at most 4 stop sequences", param="stop")
         if any(s == "" for s in user_stops):
             raise ApiError(400, "stop: stop sequences must be non-empty", param="stop")
-        bias = []
-        for key, value in (body.logit_bias or {}).items():
-            try:
-                tid = int(key)
-            except ValueError:
-                raise ApiError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias") from None
-            if not 0 <= tid < engine.model.config.vocab_size:
-                raise ApiError(400, f"logit_bias: token {tid} is outside the vocabulary 0..{engine.model.config.vocab_size - 1}", param="logit_bias")
-            if not -100 <= value <= 100:
-                raise ApiError(400, f"logit_bias: the bias of token {tid} must be in [-100, 100], got {value}", param="logit_bias")
-            bias.append((tid, float(value)))
+        try:
+            bias = tuple(sorted((int(key), float(value)) for key, value in (body.logit_bias or {}).items()))
+        except ValueError:
+            raise ApiError(400, f"logit_bias: keys must be token ids, got {sorted(body.logit_bias)}", param="logit_bias") from None
+        try:  # ranges and vocabulary: SamplingConfig's own check, here to name the field
+            SamplingConfig(logit_bias=bias).validate(engine.vocab)
+        except RwkvkitError as exc:
+            raise ApiError(400, str(exc), param="logit_bias") from None
         sampling = SamplingConfig(
-            logit_bias=tuple(sorted(bias)),
+            logit_bias=bias,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,

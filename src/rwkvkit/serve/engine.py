@@ -452,7 +452,7 @@ class Engine:
         rows = self._rows
         toks = self._sample_all()
         want = [i for i, s in enumerate(rows) if s.req.logprobs is not None]
-        logp = torch.log_softmax(self._logits[want].float(), dim=-1).cpu() if want else None
+        logp = dict(zip(want, torch.log_softmax(self._logits[want].float(), dim=-1).cpu())) if want else {}
         keep: list[int] = []  # rows that go on
         fed_done: list[int] = []  # rows that finished but are fed once more, for the cache
         for i, (s, t) in enumerate(zip(rows, toks)):
@@ -464,7 +464,7 @@ class Engine:
                 continue
             s.tokens.append(t)
             if s.req.logprobs is not None:
-                lp = logp[want.index(i)]
+                lp = logp[i]
                 top = []
                 if s.req.logprobs > 0:
                     vals, ids = lp.topk(s.req.logprobs)

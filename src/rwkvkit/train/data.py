@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import RwkvkitError
-from ..io_utils import atomic_dir
+from ..io_utils import atomic_dir, jsonl_field
 
 FORMAT = "rwkvkit-tokens"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
@@ -145,21 +145,6 @@ def _text_chunks(path: Path) -> Iterator[bytes]:
             rest = data[cut:]
 
 
-def _jsonl_docs(path: Path, field: str) -> Iterator[tuple[bytes, int]]:
-    """(text as UTF-8, bytes of the line) for every non-empty line."""
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RwkvkitError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or field not in obj or not isinstance(obj[field], str):
-                raise RwkvkitError(f"{path}:{lineno}: expected a JSON object with a string field {field!r}")
-            yield obj[field].encode("utf-8"), len(line)
-
-
 # ------------------------------------------------------------------- writing
 class _SplitWriter:
     """Appends token ids and document starts of one split to its two files."""
@@ -229,10 +214,10 @@ def prepare(
         try:
             for path in files:
                 if _is_jsonl(path):
-                    for text, nbytes in _jsonl_docs(path, text_field):
+                    for text, nbytes in jsonl_field(path, text_field):
                         w = writers["train" if seen < cut else "val"]
                         w.begin_doc()
-                        w.write(_check_ids(_encode(tok, text, str(path)), vocab, path))
+                        w.write(_check_ids(_encode(tok, text.encode("utf-8"), str(path)), vocab, path))
                         w.end_doc(sep)
                         seen += nbytes
                         bar.update(nbytes)
