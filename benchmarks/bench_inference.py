@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-repeats", type=int, default=3, help="timed prompt runs per figure (default 3)")
     p.add_argument("--pip-jit", choices=["0", "1"], default="1", help="RWKV_JIT_ON for the rwkv package (default 1)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pip", "hf", "int8", "ceilings"], help="leave these out")
-    p.add_argument("--huge-pages", action="store_true", help="RWKVKIT_HUGEPAGES=1: rwkvkit's decoder asks for 2 MiB pages (Linux)")
+    p.add_argument("--huge-pages", action="store_true", help="rwkvkit's decoder asks for 2 MiB pages (Linux; runtime.accelerate(model, huge_pages=True))")
     return p.parse_args(argv)
 
 
@@ -194,12 +194,12 @@ class HFRunner:
 
 # ----------------------------------------------------------------- measuring
 def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> None:
-    from rwkvkit import infer_cpu, ops
-    from rwkvkit.config import ModelConfig
+    from rwkvkit import ops, runtime
     from rwkvkit.init import random_state_dict
-    from rwkvkit.model import RWKV
+    from rwkvkit.models.rwkv4 import RWKV, RWKV4Config
+    from rwkvkit.runtime import infer_cpu
 
-    cfg = ModelConfig(**SHAPES[name])
+    cfg = RWKV4Config(**SHAPES[name])
     sd = random_state_dict(cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (args.tokens,), generator=g).tolist()
@@ -208,11 +208,11 @@ def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> Non
     runners: dict[str, object] = {}
     fp32 = RWKV(cfg)
     fp32.load_state_dict(sd)
-    runners["rwkvkit fp32"] = RwkvkitRunner(torch, fp32.eval())
+    runners["rwkvkit fp32"] = RwkvkitRunner(torch, runtime.accelerate(fp32.eval(), huge_pages=args.huge_pages))
     if "int8" not in args.skip:
         int8 = RWKV(cfg)
         int8.load_state_dict(sd)
-        runners["rwkvkit int8"] = RwkvkitRunner(torch, int8.eval().quantize_int8())
+        runners["rwkvkit int8"] = RwkvkitRunner(torch, runtime.accelerate(runtime.quantize_int8(int8.eval()), huge_pages=args.huge_pages))
     if "pip" not in args.skip:
         runners["rwkv pkg"] = PipRunner(torch, sd, tmp)
     if "hf" not in args.skip:
@@ -291,7 +291,6 @@ def main(argv=None) -> None:
     # The rwkv package reads these when it is imported.
     os.environ["RWKV_JIT_ON"] = args.pip_jit
     os.environ["RWKV_CUDA_ON"] = "0"
-    os.environ["RWKVKIT_HUGEPAGES"] = "1" if args.huge_pages else "0"
     import torch
 
     torch.set_num_threads(args.threads)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
-from rwkvkit.config import ModelConfig  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.init import init_weights, random_state_dict  # noqa: E402
 from rwkvkit.model import RWKV  # noqa: E402
 
@@ -52,7 +52,7 @@ def matmul_rate(m: int, k: int, n: int, reps: int = 10) -> float:
     return 2 * m * k * n / statistics.median(ts) / 1e9
 
 
-def train_flops_per_token(cfg: ModelConfig) -> float:
+def train_flops_per_token(cfg: RWKV4Config) -> float:
     """6 x the multiply-adds of the matrices a token passes through (the
     embedding is a lookup); WKV and element-wise work are not counted."""
     C, A, Fh, V, L = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer
@@ -77,7 +77,7 @@ def cmd_speed(args) -> None:
     from rwkvkit.checkpoint import official_to_hf
 
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=args.layers, n_embd=args.width, vocab_size=args.vocab)
+    cfg = RWKV4Config(n_layer=args.layers, n_embd=args.width, vocab_size=args.vocab)
     B, T = args.batch, args.ctx
     x = torch.randint(0, cfg.vocab_size, (B, T + 1))
     sd = random_state_dict(cfg, seed=0)
@@ -155,7 +155,7 @@ def _saved_bytes(fn) -> int:
 
 def cmd_context(args) -> None:
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=args.layers, n_embd=args.width, vocab_size=args.vocab)
+    cfg = RWKV4Config(n_layer=args.layers, n_embd=args.width, vocab_size=args.vocab)
     model = RWKV(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=0))
     model.wkv_backend = args.backend
@@ -280,7 +280,7 @@ def cmd_shakespeare(args) -> None:
     L, C, T = args.layers, args.width, args.ctx
 
     def make_rwkv():
-        m = RWKV(ModelConfig(n_layer=L, n_embd=C, vocab_size=256))
+        m = RWKV(RWKV4Config(n_layer=L, n_embd=C, vocab_size=256))
         init_weights(m, seed=0)
         m.wkv_backend = args.backend
         return m
@@ -396,7 +396,7 @@ def cmd_long_context(args) -> None:
                           lr_init=args.lr, lr_final=args.lr / 10, val_every=0, val_windows=8, save_every=0,
                           progress=False, plot=False, threads=args.threads, wkv_backend=args.backend,
                           device=args.device, precision=args.precision, time_limit=args.minutes)
-        model = RWKV(ModelConfig(n_layer=args.layers, n_embd=args.width, vocab_size=256))
+        model = RWKV(RWKV4Config(n_layer=args.layers, n_embd=args.width, vocab_size=256))
         init_weights(model, seed=0)
         model.wkv_backend = args.backend
         t0 = time.perf_counter()

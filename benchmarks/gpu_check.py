@@ -13,7 +13,7 @@ Sections, each independent (a failing one prints its error and the rest run):
 3. training tokens/s of the 169M shape (12 layers, 768 wide, vocab 50277,
    random weights), fwd+bwd+AdamW under bf16 autocast, per WKV backend;
 4. RNN decode tokens/s of the same shape in bf16: the eager step and the
-   CUDA-graph step (rwkvkit.cuda_graph), each with the fused WKV step kernel
+   CUDA-graph step (rwkvkit.runtime.cuda_graph), each with the fused WKV step kernel
    and with the element-wise PyTorch step, batch 1 and 32;
 5. ``rwkvkit.load(path, device="cuda", dtype=torch.bfloat16)`` of a saved
    checkpoint, logits against the fp32 CPU model.
@@ -143,11 +143,11 @@ def wkv_bench(Ts=(1024, 8192)):
 
 
 def _model_169m(dtype=torch.float32):
-    from rwkvkit.config import ModelConfig
+    from rwkvkit.models.rwkv4 import RWKV4Config
     from rwkvkit.init import random_state_dict
     from rwkvkit.model import RWKV
 
-    cfg = ModelConfig(n_layer=12, n_embd=768, vocab_size=50277)
+    cfg = RWKV4Config(n_layer=12, n_embd=768, vocab_size=50277)
     model = RWKV(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=0))
     return model.to(device="cuda", dtype=dtype), cfg
@@ -194,7 +194,7 @@ def decode_bench(n_tokens=200):
     PyTorch ops (ops.wkv_step_torch), to show what each fusion buys.
     """
     import rwkvkit.ops as ops
-    from rwkvkit.cuda_graph import CudaGraphDecoder
+    from rwkvkit.runtime.cuda_graph import CudaGraphDecoder
 
     fused_step = ops.wkv_step
     model, cfg = _model_169m(torch.bfloat16)
@@ -263,10 +263,10 @@ def load_check():
     from pathlib import Path
 
     import rwkvkit
-    from rwkvkit.config import ModelConfig
+    from rwkvkit.models.rwkv4 import RWKV4Config
     from rwkvkit.init import random_state_dict
 
-    cfg = ModelConfig(n_layer=4, n_embd=256, vocab_size=1000)
+    cfg = RWKV4Config(n_layer=4, n_embd=256, vocab_size=1000)
     sd = random_state_dict(cfg, seed=1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.pth"

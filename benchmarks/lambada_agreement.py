@@ -20,10 +20,10 @@ os.environ.setdefault("RWKV_CUDA_ON", "0")
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.eval import lambada, read_lambada
 from rwkvkit.init import random_state_dict
-from rwkvkit.model import RWKV
+from rwkvkit.models.rwkv4 import RWKV
 from rwkvkit.tokenizer import load_tokenizer
 
 
@@ -42,7 +42,7 @@ def main() -> None:
 
     tok = load_tokenizer(args.tokenizer)
     texts = read_lambada(args.data, limit=args.limit)
-    cfg = ModelConfig(n_layer=args.layers, n_embd=args.width, vocab_size=50277)
+    cfg = RWKV4Config(n_layer=args.layers, n_embd=args.width, vocab_size=50277)
     sd = random_state_dict(cfg, seed=args.seed)
     model = RWKV(cfg)
     model.load_state_dict(sd)

@@ -96,12 +96,12 @@ def start_server(model: str, max_batch: int, extra: list[str]) -> tuple[subproce
 
 def random_model(shape: str, folder: Path) -> str:
     import rwkvkit
-    from rwkvkit.config import ModelConfig
+    from rwkvkit.models.rwkv4 import RWKV4Config
     from rwkvkit.init import random_state_dict
     from rwkvkit.model import RWKV
 
     layers, width = (int(x) for x in shape.lower().split("x"))
-    cfg = ModelConfig(n_layer=layers, n_embd=width, vocab_size=256)
+    cfg = RWKV4Config(n_layer=layers, n_embd=width, vocab_size=256)
     model = RWKV(cfg)
     model.load_state_dict(random_state_dict(cfg, seed=0))
     rwkvkit.save(model, folder)

@@ -11,17 +11,17 @@ import torch
 
 import rwkvkit
 from rwkvkit import checkpoint, rwkvcpp
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.errors import CheckpointError, ShapeError, UnsupportedModelError
 from rwkvkit.init import random_state_dict
 from conftest import shared_file
 from util import hf_key, hf_model, make_model
 
 PROMPT = [34, 105, 110]  # '"in', rwkv.cpp's test prompt (shared/data README 1.4)
-CFG = ModelConfig(n_layer=7, n_embd=64, vocab_size=97)  # crosses one rescale boundary
-ODD = ModelConfig(n_layer=3, n_embd=40, vocab_size=61, dim_att=24, dim_ffn=72)
+CFG = RWKV4Config(n_layer=7, n_embd=64, vocab_size=97)  # crosses one rescale boundary
+ODD = RWKV4Config(n_layer=3, n_embd=40, vocab_size=61, dim_att=24, dim_ffn=72)
 # transformers fails on dim_att != n_embd (its state has hidden_size channels).
-HF_ODD = ModelConfig(n_layer=3, n_embd=40, vocab_size=61, dim_ffn=72)
+HF_ODD = RWKV4Config(n_layer=3, n_embd=40, vocab_size=61, dim_ffn=72)
 
 
 def _tokens(cfg, B=2, T=13, seed=0):
@@ -232,7 +232,7 @@ def test_other_generations_are_refused(name, generation):
     path = shared_file(f"rwkvcpp/other_versions/tiny-rwkv-{name}.bin")
     with pytest.raises(UnsupportedModelError, match=generation.replace(".", r"\.")) as exc:
         rwkvkit.load(path)
-    assert "RWKV-4 only" in str(exc.value)
+    assert "rwkvkit runs RWKV-4" in str(exc.value)
     assert checkpoint.inspect(path)["generation"].startswith(generation)
 
 

@@ -13,11 +13,11 @@ import torch
 
 import rwkvkit
 from rwkvkit.cli import main
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.init import random_state_dict
 from conftest import REPO, shared_file
 
-CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=50)
+CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=50)
 
 
 def _run(argv, capsys):
@@ -37,7 +37,7 @@ def test_info_rwkvcpp_json(capsys):
     assert info["generation"] == "RWKV-4"
     # 30 FP16 matrices and 48 FP32 vectors (README 1.2); the count is the file's own.
     assert info["dtypes"] == {"FP16": 655360, "FP32": 6144}
-    assert info["parameters"] == 655360 + 6144 == ModelConfig(n_layer=4, n_embd=128, vocab_size=256, dim_ffn=256).num_params
+    assert info["parameters"] == 655360 + 6144 == RWKV4Config(n_layer=4, n_embd=128, vocab_size=256, dim_ffn=256).num_params
     # rwkv.cpp's state: 5 * n_embd fp32 values per layer (README 1.3).
     assert info["state_bytes_per_sequence"] == 4 * 5 * 128 * 4
     assert info["file_bytes"] == os.path.getsize(path)

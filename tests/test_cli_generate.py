@@ -14,7 +14,7 @@ import torch
 import rwkvkit
 from conftest import shared_file
 from rwkvkit import cli
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.generate import SHIPPED_MODEL, complete, generate, load_shipped_model
 from util import make_model
 
@@ -29,7 +29,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    model, _ = make_model(ModelConfig(n_layer=2, n_embd=32, vocab_size=256), seed=4)
+    model, _ = make_model(RWKV4Config(n_layer=2, n_embd=32, vocab_size=256), seed=4)
     folder = tmp_path_factory.mktemp("m") / "tiny"
     rwkvkit.save(model, folder)
     return folder

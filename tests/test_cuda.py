@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rwkvkit import ops
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.ops import cuda as wkv_cuda_mod
 from rwkvkit.ops.reference import wkv_reference
 
@@ -229,7 +229,7 @@ def test_dispatcher_picks_cuda_for_gpu_tensors():
 
 
 def _tiny_cfg():
-    return ModelConfig(n_layer=3, n_embd=64, vocab_size=97)
+    return RWKV4Config(n_layer=3, n_embd=64, vocab_size=97)
 
 
 def _cpu_model(seed):
@@ -294,7 +294,7 @@ def test_training_step_bf16_autocast_matches_fp32_direction():
 
 @pytest.mark.cuda
 def test_cuda_graph_decoder_matches_model():
-    from rwkvkit.cuda_graph import CudaGraphDecoder
+    from rwkvkit.runtime.cuda_graph import CudaGraphDecoder
 
     gpu = make_model(_tiny_cfg(), seed=9)[0].cuda()
     prompt = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(4)).cuda()
@@ -329,7 +329,7 @@ def test_load_to_gpu_bf16(tmp_path):
 
 
 def test_graph_decoder_refuses_cpu_model():
-    from rwkvkit.cuda_graph import CudaGraphDecoder
+    from rwkvkit.runtime.cuda_graph import CudaGraphDecoder
     from rwkvkit.errors import RwkvkitError
 
     model = make_model(_tiny_cfg(), seed=0)[0]

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from conftest import shared_file
 from util import hf_model, make_model, pip_model
 
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.eval import lambada, perplexity, read_lambada, score_continuations, split_passage, stream_nll
 from rwkvkit.eval.perplexity import text_pieces
 from rwkvkit.tokenizer import load_tokenizer
 
-BYTES_CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=256)
+BYTES_CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=256)
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +111,7 @@ def test_ppl_limit_and_errors(ref, tmp_path, shakespeare_slice):
     with pytest.raises(RwkvkitError, match="window"):
         perplexity(ref.model, shakespeare_slice, "bytes", window=0, progress=False)
     with pytest.raises(RwkvkitError, match="vocabulary"):  # a bytes tokenizer for a 100-id model
-        perplexity(make_model(ModelConfig(n_layer=1, n_embd=8, vocab_size=100))[0], shakespeare_slice, "bytes", progress=False)
+        perplexity(make_model(RWKV4Config(n_layer=1, n_embd=8, vocab_size=100))[0], shakespeare_slice, "bytes", progress=False)
 
 
 @pytest.mark.parametrize("name", ["20B", "world"])
@@ -133,7 +133,7 @@ def test_text_pieces_tokenize_like_the_whole_file(name, tmp_path):
 
 
 # ---------------------------------------------------------------- LAMBADA
-LAMBADA_CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=50277)
+LAMBADA_CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=50277)
 
 
 def _pip_lambada(pm, tok, texts, pad=187):
@@ -237,7 +237,7 @@ def test_split_passage_and_bad_lambada_file(tmp_path):
 
 
 # ------------------------------------------------------ lm-evaluation-harness
-LM_CFG = ModelConfig(n_layer=2, n_embd=32, vocab_size=256)
+LM_CFG = RWKV4Config(n_layer=2, n_embd=32, vocab_size=256)
 
 
 def _pip_logprob(pm, ctx: bytes, cont: bytes) -> float:
@@ -410,9 +410,9 @@ def test_cli_bench_tiny(tmp_path, capsys):
     rep = json.loads((tmp_path / "bench.json").read_text())
     rwkv, gpt = rep["results"]
     L, C, V = 2, 64, 1000
-    assert rwkv["parameters"] == ModelConfig(n_layer=L, n_embd=C, vocab_size=V).num_params
+    assert rwkv["parameters"] == RWKV4Config(n_layer=L, n_embd=C, vocab_size=V).num_params
     # The RWKV state is the same size after every token: L x (2C + 3C) fp32.
-    assert set(rwkv["state_bytes"]) == {ModelConfig(n_layer=L, n_embd=C, vocab_size=V).state_bytes_per_sequence} == {L * 5 * C * 4}
+    assert set(rwkv["state_bytes"]) == {RWKV4Config(n_layer=L, n_embd=C, vocab_size=V).state_bytes_per_sequence} == {L * 5 * C * 4}
     # GPT-2's cache holds a key and a value per layer for every token so far.
     assert gpt["state_bytes"] == [2 * L * k * C * 4 for k in range(1, 41)]
     assert len(rwkv["times"]) == len(gpt["times"]) == 40 and min(rwkv["times"] + gpt["times"]) > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import shared_file
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.generate import _StopMatcher, complete, generate, prefill, stream
 from rwkvkit.tokenizer import load_tokenizer
@@ -26,12 +26,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def byte_model():
-    model, _ = make_model(ModelConfig(n_layer=2, n_embd=32, vocab_size=256), seed=1)
+    model, _ = make_model(RWKV4Config(n_layer=2, n_embd=32, vocab_size=256), seed=1)
     return model
 
 
 def test_greedy_equals_rwkv_package_for_64_tokens(tmp_path):
-    cfg = ModelConfig(n_layer=3, n_embd=48, vocab_size=97)
+    cfg = RWKV4Config(n_layer=3, n_embd=48, vocab_size=97)
     model, sd = make_model(cfg, seed=5)
     pm = pip_model(sd, tmp_path)
     from rwkv.utils import PIPELINE
@@ -64,7 +64,7 @@ def test_greedy_with_penalties_and_bans_equals_rwkv_pipeline(tmp_path):
     from rwkv.utils import PIPELINE, PIPELINE_ARGS
 
     path = shared_file("tokenizers/20B_tokenizer.json")
-    cfg = ModelConfig(n_layer=2, n_embd=32, vocab_size=50277)
+    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=50277)
     model, sd = make_model(cfg, seed=2)
     rec = _Recorder(pip_model(sd, tmp_path))
     pipe = PIPELINE(rec, str(path))

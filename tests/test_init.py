@@ -8,16 +8,16 @@ import math
 import pytest
 import torch
 
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.init import init_weights
-from rwkvkit.model import RWKV
+from rwkvkit.models.rwkv4 import RWKV
 
 L, C, V = 4, 24, 50
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = RWKV(ModelConfig(n_layer=L, n_embd=C, vocab_size=V))
+    m = RWKV(RWKV4Config(n_layer=L, n_embd=C, vocab_size=V))
     init_weights(m, seed=3)
     return m
 
@@ -84,7 +84,7 @@ def test_matrices(model):
 
 
 def test_embedding_options():
-    cfg = ModelConfig(n_layer=1, n_embd=16, vocab_size=300)
+    cfg = RWKV4Config(n_layer=1, n_embd=16, vocab_size=300)
     m = RWKV(cfg)
     init_weights(m, emb_init="uniform")
     e = m.emb.weight.detach()
@@ -100,7 +100,7 @@ def test_embedding_options():
 
 def test_single_layer_guard():
     # r01 = l / (L - 1) is undefined for L = 1; the recipe uses 0.
-    m = RWKV(ModelConfig(n_layer=1, n_embd=8, vocab_size=10))
+    m = RWKV(RWKV4Config(n_layer=1, n_embd=8, vocab_size=10))
     init_weights(m)
     d = m.blocks[0].att.time_decay.detach()
     exp = torch.tensor([-5 + 8 * (h / 7) ** 0.7 for h in range(8)])

@@ -6,20 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.model import RWKV
+from rwkvkit.models.rwkv4 import RWKV
 from rwkvkit.state import State
 from util import hf_model, make_model, pip_model
 
 # Odd sizes on purpose: C_att != C, F != 4C, L = 7 crosses one rescale boundary.
 CONFIGS = [
-    ModelConfig(n_layer=7, n_embd=64, vocab_size=97),
-    ModelConfig(n_layer=3, n_embd=40, vocab_size=61, dim_att=24, dim_ffn=72),
-    ModelConfig(n_layer=1, n_embd=16, vocab_size=256),
+    RWKV4Config(n_layer=7, n_embd=64, vocab_size=97),
+    RWKV4Config(n_layer=3, n_embd=40, vocab_size=61, dim_att=24, dim_ffn=72),
+    RWKV4Config(n_layer=1, n_embd=16, vocab_size=256),
 ]
 # The rwkv package assumes dim_att == n_embd in its sequence mode.
-PIP_CONFIGS = [CONFIGS[0], ModelConfig(n_layer=3, n_embd=40, vocab_size=61, dim_ffn=72), CONFIGS[2]]
+PIP_CONFIGS = [CONFIGS[0], RWKV4Config(n_layer=3, n_embd=40, vocab_size=61, dim_ffn=72), CONFIGS[2]]
 TOL = 1e-5
 
 
@@ -208,7 +208,7 @@ def test_bad_inputs_are_clear(tmp_path):
 
 
 def test_param_count_formula():
-    cfg = ModelConfig(n_layer=12, n_embd=768, vocab_size=50277)
+    cfg = RWKV4Config(n_layer=12, n_embd=768, vocab_size=50277)
     assert cfg.num_params == 169_342_464  # spec 1.5
     small = CONFIGS[1]
     assert RWKV(small).num_parameters() == small.num_params

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit import infer_cpu
-from rwkvkit.config import ModelConfig
+from rwkvkit.runtime import infer_cpu
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.quant import Int8Linear, is_quantized, quantize_int8, quantize_weight
+from rwkvkit.runtime.quant import Int8Linear, is_quantized, quantize_int8, quantize_weight
 from conftest import shared_file
 from util import make_model, pip_model
 
-CFG = ModelConfig(n_layer=3, n_embd=40, vocab_size=61, dim_ffn=72)
+CFG = RWKV4Config(n_layer=3, n_embd=40, vocab_size=61, dim_ffn=72)
 
 
 def _tokens(vocab, B, T, seed=0):
@@ -114,7 +114,7 @@ def test_int8_logit_error_is_small_on_a_trained_model():
     tokens = torch.tensor([list(text)])
     fp32 = rwkvkit.load(path)
     int8 = rwkvkit.load(path)
-    int8.quantize_int8()
+    quantize_int8(int8)
     with torch.no_grad():
         ref, _ = fp32(tokens)
         got, _ = int8(tokens)
@@ -132,10 +132,10 @@ def test_int8_logit_error_is_small_on_a_trained_model():
 
 
 def test_int8_logit_error_is_small_on_random_weights():
-    cfg = ModelConfig(n_layer=4, n_embd=256, vocab_size=500)
+    cfg = RWKV4Config(n_layer=4, n_embd=256, vocab_size=500)
     fp32, _ = make_model(cfg, seed=2)
     int8, _ = make_model(cfg, seed=2)
-    int8.quantize_int8()
+    quantize_int8(int8)
     tokens = _tokens(cfg.vocab_size, 2, 48)
     with torch.no_grad():
         ref, _ = fp32(tokens)
@@ -156,12 +156,12 @@ def test_quantize_rejects_other_objects_and_is_idempotent():
 
 def test_load_quantize_keyword_and_save_refuses_quantized(tmp_path):
     import rwkvkit
-    from rwkvkit.config import ModelConfig
+    from rwkvkit.models.rwkv4 import RWKV4Config
     from rwkvkit.errors import CheckpointError
-    from rwkvkit.quant import is_quantized
+    from rwkvkit.runtime.quant import is_quantized
     from util import make_model
 
-    cfg = ModelConfig(n_layer=2, n_embd=32, vocab_size=50)
+    cfg = RWKV4Config(n_layer=2, n_embd=32, vocab_size=50)
     model, sd = make_model(cfg, seed=1)
     torch.save(sd, tmp_path / "m.pth")
     q = rwkvkit.load(tmp_path / "m.pth", quantize="int8")

@@ -21,7 +21,7 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from rwkvkit.config import ModelConfig  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.generate import complete  # noqa: E402
 from rwkvkit.init import random_state_dict  # noqa: E402
 from rwkvkit.model import RWKV  # noqa: E402
@@ -32,7 +32,7 @@ NAME = "tiny-test"
 
 
 def _printable_model(seed: int = 1) -> RWKV:
-    cfg = ModelConfig(n_layer=2, n_embd=64, vocab_size=256)
+    cfg = RWKV4Config(n_layer=2, n_embd=64, vocab_size=256)
     sd = random_state_dict(cfg, seed=seed)
     # ln_out's bias puts a large constant in channel 0 of every final hidden
     # state; head rows outside printable ASCII + "\n" read it with a negative

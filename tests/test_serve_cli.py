@@ -16,14 +16,14 @@ pytest.importorskip("uvicorn")
 
 import rwkvkit  # noqa: E402
 from rwkvkit.cli import main  # noqa: E402
-from rwkvkit.config import ModelConfig  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.init import random_state_dict  # noqa: E402
 from rwkvkit.model import RWKV  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    cfg = ModelConfig(n_layer=1, n_embd=32, vocab_size=256)
+    cfg = RWKV4Config(n_layer=1, n_embd=32, vocab_size=256)
     model = RWKV(cfg)
     model.load_state_dict(random_state_dict(cfg))
     folder = tmp_path_factory.mktemp("serve") / "tiny-model"

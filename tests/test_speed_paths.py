@@ -15,16 +15,16 @@ import warnings
 import pytest
 import torch
 
-from rwkvkit import infer_cpu
-from rwkvkit.config import ModelConfig
-from rwkvkit.model import RWKV
+from rwkvkit.runtime import infer_cpu
+from rwkvkit.models.rwkv4 import RWKV4Config
+from rwkvkit.models.rwkv4 import RWKV
 from util import make_model
 
 CONFIGS = [
-    ModelConfig(n_layer=7, n_embd=64, vocab_size=97),
+    RWKV4Config(n_layer=7, n_embd=64, vocab_size=97),
     # 40 and 24 are not multiples of 16 (AVX-512) nor, for 20, of 8 (AVX2).
-    ModelConfig(n_layer=3, n_embd=40, vocab_size=61, dim_att=24, dim_ffn=72),
-    ModelConfig(n_layer=2, n_embd=20, vocab_size=33, dim_ffn=44),
+    RWKV4Config(n_layer=3, n_embd=40, vocab_size=61, dim_att=24, dim_ffn=72),
+    RWKV4Config(n_layer=2, n_embd=20, vocab_size=33, dim_ffn=44),
 ]
 IDS = ["L7C64", "L3C40A24F72", "L2C20F44"]
 TOL = 1e-5
@@ -94,7 +94,7 @@ def test_every_kernel_family(ext, isa):
         plain, sp = _run(model, tokens, "torch")
         _assert_same(fused, sf, plain, sp)
         # The int8 kernel of the same family against the dequantised matrix.
-        from rwkvkit.quant import quantize_weight
+        from rwkvkit.runtime.quant import quantize_weight
 
         g = torch.Generator().manual_seed(isa)
         for n, k, m in ((37, 40, 1), (5, 19, 7), (64, 48, 16)):
@@ -206,16 +206,14 @@ def test_large_batches_use_the_blas_path(ext, monkeypatch):
 
 def test_huge_pages_keep_the_weights(monkeypatch):
     """use_huge_pages rebuilds the pages of big weight tensors in place: same
-    address, same values; it is off unless RWKVKIT_HUGEPAGES=1 and skips small tensors."""
+    address, same values; it is off unless asked for and skips small tensors."""
     import sys
     from pathlib import Path
 
     w = torch.randn(3000, 1024)  # 12 MB: several 2 MiB pages inside
     small = torch.randn(100, 100)
     before, ptr = w.clone(), w.data_ptr()
-    monkeypatch.delenv("RWKVKIT_HUGEPAGES", raising=False)
-    assert infer_cpu.use_huge_pages([w]) == 0  # opt-in
-    monkeypatch.setenv("RWKVKIT_HUGEPAGES", "1")
+    assert infer_cpu.use_huge_pages([w], enabled=False) == 0  # opt-in
     assert infer_cpu.use_huge_pages([small]) == 0
     done = infer_cpu.use_huge_pages([w])
     assert w.data_ptr() == ptr and torch.equal(w, before)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rwkvkit
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.state import State
 from rwkvkit.train import TrainConfig, load_tokens, prepare, train
 from util import make_model
@@ -22,7 +22,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
     (d / "t.txt").write_text(TEXT)
     prepare([d / "t.txt"], d / "data", val_fraction=0.1, progress=False)
-    model, _ = make_model(ModelConfig(n_layer=2, n_embd=32, vocab_size=256), seed=1)
+    model, _ = make_model(RWKV4Config(n_layer=2, n_embd=32, vocab_size=256), seed=1)
     rwkvkit.save(model, d / "base")
     return d
 

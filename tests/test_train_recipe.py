@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from rwkvkit.config import ModelConfig
-from rwkvkit.model import RWKV
+from rwkvkit.models.rwkv4 import RWKV4Config
+from rwkvkit.models.rwkv4 import RWKV
 from rwkvkit.train.optim import L2Wrap, build_optimizer, lr_at, param_groups
 
 
 def _model():
-    return RWKV(ModelConfig(n_layer=2, n_embd=8, vocab_size=11))
+    return RWKV(RWKV4Config(n_layer=2, n_embd=8, vocab_size=11))
 
 
 def _group_of(groups, name):

@@ -7,19 +7,23 @@ from pathlib import Path
 
 import torch
 
-from rwkvkit.config import ModelConfig
+from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.init import random_state_dict
-from rwkvkit.model import RWKV
+from rwkvkit.models.rwkv4 import RWKV
 
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 
-def make_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32) -> tuple[RWKV, dict]:
+def make_model(cfg: RWKV4Config, seed: int = 0, dtype=torch.float32) -> tuple[RWKV, dict]:
+    """A random model as rwkvkit.load returns one: eval mode, fused step attached."""
+    from rwkvkit import runtime
+
     sd = random_state_dict(cfg, seed=seed)
     model = RWKV(cfg)
     model.load_state_dict(sd)
     model.to(dtype).eval()
+    runtime.accelerate(model)
     return model, sd
 
 
@@ -38,7 +42,7 @@ def hf_key(key: str) -> str:
     return "rwkv." + k
 
 
-def hf_model(sd: dict, cfg: ModelConfig, rescale_every: int = 0):
+def hf_model(sd: dict, cfg: RWKV4Config, rescale_every: int = 0):
     from transformers import RwkvConfig, RwkvForCausalLM
 
     hcfg = RwkvConfig(

@@ -1,4 +1,4 @@
-"""Checkpoint readers and writers: every RWKV-4 format a user is likely to hold.
+"""Checkpoint readers and writers: every format a user is likely to hold, for every supported generation.
 
 Formats are recognised by their content, never by the file name:
 
@@ -14,13 +14,15 @@ Formats are recognised by their content, never by the file name:
   ``model.safetensors``.
 
 Every reader yields a dict with the official key names (spec 3.1); the
-architecture is inferred from its shapes and every key is checked against
-:meth:`ModelConfig.expected_shapes`.  Other RWKV generations and variants are
-recognised from their keys and refused with a message naming them.
+generation is detected from the names (:func:`rwkvkit.models.detect`), the
+architecture is inferred from the shapes and every key is checked against the
+generation's ``expected_shapes``.  Generations and variants rwkvkit does not
+run are recognised from their keys and refused with a message naming them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -32,13 +34,15 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from . import rwkvcpp
+from . import models, rwkvcpp
 from .config import ModelConfig, dtype_from_name, dtype_name
 from .errors import CheckpointError, RwkvkitError, ShapeError, UnsupportedModelError
 from .io_utils import atomic_dir, atomic_path
 
 FORMAT_MARKER = "rwkvkit"
-FORMAT_VERSION = 1
+# 2: config.json names its "generation" (version 1 folders are RWKV-4 and still load).
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # Output formats of `convert`.
@@ -197,52 +201,26 @@ def _read_json(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------- generations
-_GENERATIONS = (
-    # (test on a key, generation label, architecture nickname)
-    (lambda k: k.endswith((".att.r_k", ".att.x_r", ".att.x_rwkvag")), "RWKV-7", "Goose"),
-    (lambda k: ".time_maa" in k, "RWKV-6", "Finch"),
-    (lambda k: ".ln_x." in k, "RWKV-5", "Eagle"),
-    (lambda k: ".tiny_" in k or k.startswith("tiny_"), "RWKV-4a", "tiny attention"),
-    (lambda k: re.search(r"\.att\.(qq|kk|vv|oo)\.weight\Z|time_mix_(qq|kk|vv)\Z|att_mask\Z", k) is not None, "RWKV-4b", "small QKV attention"),
-)
-
-
 def detect_generation(tensors: Mapping[str, Any], non_tensors: Iterable[str] = ()) -> tuple[str, str | None]:
-    """(label, evidence key): ``("4", None)`` for plain RWKV-4, else e.g.
-    ``("RWKV-6 (Finch)", "blocks.0.att.time_maa_x")``.
-
-    Follows the key rules of the `rwkv` package (spec 3.1, section 8); the 5.x
-    sub-version is read as that package does: ``gate.weight`` -> 5.1, a
-    per-head 2-D ``time_decay`` -> 5.2.
-    """
-    for key in list(non_tensors) + list(tensors):
-        if key in ("_strategy", "_version", "_rescale_layer"):
-            return "a file converted by the `rwkv` pip package", key
-    keys = sorted(tensors)
-    for test, label, nick in _GENERATIONS:
-        hit = next((k for k in keys if test(k)), None)
-        if hit is None:
-            continue
-        if label == "RWKV-5":
-            if any(k.endswith(".att.gate.weight") for k in keys):
-                label = "RWKV-5.1"
-            td = next((tensors[k] for k in keys if k.endswith(".att.time_decay")), None)
-            if td is not None and td.dim() > 1 and td.shape[1] > 1:
-                label = "RWKV-5.2"
-        return f"{label} ({nick})", hit
-    return "4", None
+    """(generation, evidence key): ``("4", None)`` for plain RWKV-4,
+    ``("7", "blocks.0.att.r_k")`` for RWKV-7, and for what rwkvkit does not run
+    a label such as ``"RWKV-6 (Finch)"`` (see :func:`rwkvkit.models.detect`)."""
+    gen, hit, label = models.detect(tensors, non_tensors)
+    return (gen if gen in models.REGISTRY else label), hit
 
 
-def check_generation(ck: Checkpoint) -> None:
-    label, key = detect_generation(ck.tensors, ck.non_tensors)
-    if label == "4":
-        return
-    if label.startswith("a file converted"):
+def check_generation(ck: Checkpoint) -> str:
+    """The generation of a checkpoint rwkvkit runs; UnsupportedModelError otherwise."""
+    gen, key, label = models.detect(ck.tensors, ck.non_tensors)
+    if gen in models.REGISTRY:
+        return gen
+    if gen == "pip":
         raise UnsupportedModelError(
             f"'{ck.path}' is {label} (it has the entry '{key}'): it holds pre-processed, transposed weights; "
             "load the original .pth instead"
         )
-    raise UnsupportedModelError(f"'{ck.path}' is an {label} model (it has the tensor '{key}'); rwkvkit runs RWKV-4 only")
+    runs = ", ".join(models.NICKNAMES[g] for g in sorted(models.REGISTRY))
+    raise UnsupportedModelError(f"'{ck.path}' is an {label} model (it has the tensor '{key}'); rwkvkit runs {runs}")
 
 
 # ------------------------------------------------------------------- readers
@@ -299,8 +277,8 @@ def _state_dict_from_pth(path: Path, obj: Any) -> tuple[dict[str, torch.Tensor],
 
 
 def _check_tensor_entries(path: Path, tensors: Mapping[str, torch.Tensor], others: list[str]) -> None:
-    label, _ = detect_generation(tensors, others)
-    if others and label == "4":
+    gen, _, _ = models.detect(tensors, others)
+    if others and gen != "pip":
         raise CheckpointError(f"'{path}' has non-tensor entries {sorted(others)[:5]}; expected a dict of tensors only")
 
 
@@ -419,8 +397,10 @@ def _read_rwkvkit(path: Path, meta: bool) -> Checkpoint:
     if not weights.is_file():
         raise CheckpointError(f"rwkvkit folder '{path}' has no {WEIGHTS}")
     version = cfg.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"'{path / CONFIG}' has format_version {version!r}; this rwkvkit reads version {FORMAT_VERSION}")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise CheckpointError(
+            f"'{path / CONFIG}' has format_version {version!r}; this rwkvkit reads versions {list(READABLE_FORMAT_VERSIONS)}"
+        )
     tensors = _read_safetensors_file(weights, meta)
     return Checkpoint(path, "rwkvkit", tensors, _file_bytes(path), details={"config": cfg})
 
@@ -439,8 +419,9 @@ def _read_rwkvcpp(path: Path, meta: bool, progress: bool) -> Checkpoint:
         stored[r.type_name] = stored.get(r.type_name, 0) + r.numel
     details = {"version": header.version, "main_type": header.type_name, "n_vocab": header.n_vocab, "n_embed": header.n_embed, "n_layer": header.n_layer}
     ck = Checkpoint(path, "rwkvcpp", raw, _file_bytes(path), stored=stored, details=details)
-    if detect_generation(raw)[0] == "4":
-        ck.tensors = rwkvcpp.to_official(raw)
+    gen = models.detect(raw)[0]
+    if gen in rwkvcpp.TRANSFORMS:
+        ck.tensors = rwkvcpp.to_official(raw, gen)
     return ck
 
 
@@ -473,26 +454,14 @@ def read(path: "str | os.PathLike", *, meta: bool = False, progress: bool = Fals
 # ---------------------------------------------------------------- validation
 def validate(tensors: Mapping[str, torch.Tensor], config: ModelConfig, source: "str | os.PathLike") -> None:
     """Every expected key present with its exact shape, nothing else, floats only."""
-    expected = config.expected_shapes()
-    for key, shape in expected.items():
-        if key not in tensors:
-            raise CheckpointError(f"'{source}' is missing tensor '{key}' (expected shape {shape})")
-        got = tuple(tensors[key].shape)
-        if got != shape:
-            raise ShapeError(f"'{source}': tensor '{key}' has shape {got}, expected {shape}")
-        if not tensors[key].is_floating_point():
-            raise CheckpointError(f"'{source}': tensor '{key}' has dtype {dtype_name(tensors[key].dtype)}, expected a float type")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-        raise CheckpointError(f"'{source}' has unexpected tensors {extra[:5]}{more}; not a plain RWKV-4 checkpoint")
+    config.validate_tensors(tensors, str(source))
 
 
 def infer_config(ck: Checkpoint) -> ModelConfig:
     """Generation check, sizes from shapes, then every key validated."""
-    check_generation(ck)
+    gen = check_generation(ck)
     try:
-        cfg = ModelConfig.from_state_dict(ck.tensors)
+        cfg = models.config_from_state_dict(ck.tensors, gen)
     except CheckpointError as exc:
         raise type(exc)(f"'{ck.path}': {exc}") from None
     validate(ck.tensors, cfg, ck.path)
@@ -503,13 +472,22 @@ def infer_config(ck: Checkpoint) -> ModelConfig:
                 f"rwkv.cpp file '{ck.path}' header says n_vocab={d['n_vocab']} n_embed={d['n_embed']} n_layer={d['n_layer']}, "
                 f"but its tensors have {cfg.vocab_size}, {cfg.n_embd}, {cfg.n_layer}"
             )
+        if hasattr(cfg, "rwkvcpp_compatible"):
+            cfg = cfg.rwkvcpp_compatible()
     if ck.format == "rwkvkit":
         saved = {k: v for k, v in ck.details["config"].items() if k not in ("format", "format_version")}
-        stored_cfg = ModelConfig.from_dict(saved)
-        for name in ("n_layer", "n_embd", "vocab_size", "dim_att", "dim_ffn"):
-            if getattr(stored_cfg, name) != getattr(cfg, name):
+        stored_cfg = models.config_from_dict(saved)
+        if stored_cfg.generation != cfg.generation:
+            raise CheckpointError(
+                f"'{ck.path}': {CONFIG} says generation {stored_cfg.generation}, the weights are RWKV-{cfg.generation}"
+            )
+        numerics = set(getattr(cfg, "NUMERICS", ()))
+        for f in dataclasses.fields(cfg):
+            if f.name in numerics or f.name == "layer_norm_eps":
+                continue
+            if getattr(stored_cfg, f.name) != getattr(cfg, f.name):
                 raise CheckpointError(
-                    f"'{ck.path}': {CONFIG} says {name}={getattr(stored_cfg, name)}, the weights have {getattr(cfg, name)}"
+                    f"'{ck.path}': {CONFIG} says {f.name}={getattr(stored_cfg, f.name)}, the weights have {getattr(cfg, f.name)}"
                 )
         cfg = stored_cfg
     return cfg
@@ -528,25 +506,28 @@ def load(
     ln0_fold_dtype: "str | None" = _UNSET,
     progress: bool = False,
     quantize: "str | None" = None,
+    huge_pages: bool = False,
 ):
-    """Load an RWKV-4 checkpoint of any supported format; returns an
-    :class:`~rwkvkit.model.RWKV` in eval mode.
+    """Load a checkpoint of any supported format and generation; returns the
+    generation's model (:class:`rwkvkit.RWKV` for RWKV-4,
+    :class:`rwkvkit.RWKV7` for RWKV-7) in eval mode, with the fastest
+    one-token step this machine has attached (:func:`rwkvkit.runtime.accelerate`).
 
     ``quantize="int8"`` stores the matrices as int8 with per-row scales
-    (:func:`rwkvkit.quant.quantize_int8`) for fast CPU inference.
+    (:func:`rwkvkit.runtime.quantize_int8`) for fast CPU inference.
+    ``huge_pages=True`` backs the weights with 2 MiB pages on the first
+    decoded token (Linux 6.1+; see :mod:`rwkvkit.runtime`).
 
     ``dtype`` casts every weight.  By default the weights keep the file's
     float dtype (the one most values have; rwkv.cpp files load as float32),
-    and ``time_decay``/``time_first`` stored in float32 stay float32.  ``rescale_every`` and ``ln0_fold_dtype``
-    set the numerical conventions of :class:`~rwkvkit.config.ModelConfig`;
+    and the generation's decay parameters stored in float32 stay float32.  ``rescale_every`` (RWKV-4 only)
+    and ``ln0_fold_dtype`` set numerical conventions (see :class:`~rwkvkit.RWKV4Config`);
     unset, an rwkvkit folder keeps the values it was saved with and every other
     format gets 0 and None (HF's ``rescale_every`` is not taken from its
     config.json: it changes logits only through the LayerNorm eps, and 0 is
     the exact model).  Raises :class:`~rwkvkit.errors.CheckpointError` (or a
     subclass) with one line naming the problem.
     """
-    from .model import RWKV
-
     try:  # argument errors first, before reading a large file
         target = dtype_from_name(dtype) if dtype is not None else None
         if ln0_fold_dtype not in (_UNSET, None):
@@ -559,10 +540,15 @@ def load(
         raise RwkvkitError(str(exc)) from None
     ck = read(path, progress=progress)
     cfg = infer_config(ck)
-    fold = cfg.ln0_fold_dtype if ln0_fold_dtype is _UNSET else ln0_fold_dtype
+    spec = models.spec(cfg.generation)
+    has_fold = hasattr(cfg, "ln0_fold_dtype")
+    fold = (cfg.ln0_fold_dtype if has_fold else None) if ln0_fold_dtype is _UNSET else ln0_fold_dtype
     if rescale_every is not None:
+        if not hasattr(cfg, "rescale_every"):
+            raise RwkvkitError(f"rescale_every applies to RWKV-4 only; '{path}' is RWKV-{cfg.generation}")
         cfg.rescale_every = rescale_every
-    cfg.ln0_fold_dtype = None  # folded below, once the weights are in
+    if has_fold:
+        cfg.ln0_fold_dtype = None  # folded below, once the weights are in
     keep_fp32 = target is None
     if target is None:
         target = ck.default_dtype
@@ -577,7 +563,7 @@ def load(
         # Without an explicit dtype, decays and bonuses stored in fp32 stay fp32
         # (the WKV operator runs in fp32 anyway): casting them would change
         # what the file says for nothing.
-        if keep_fp32 and v.dtype == torch.float32 and k.endswith((".att.time_decay", ".att.time_first")):
+        if keep_fp32 and v.dtype == torch.float32 and k.endswith(spec.FP32_PARAMS):
             sd[k] = v.contiguous()
         else:
             sd[k] = v.to(target).contiguous()
@@ -586,18 +572,47 @@ def load(
     # Built on the meta device and filled by assignment: no second copy of the
     # weights, and memory-mapped tensors stay mapped until first written.
     with torch.device("meta"):
-        model = RWKV(cfg)
+        model = models.build(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
     if device is not None:
         model.to(_device(device))
     model.eval()
     if fold is not None:
         model.fold_ln0(fold)
-    if quantize == "int8":
-        from .quant import quantize_int8
+    from . import runtime
 
-        quantize_int8(model)
+    if quantize == "int8":
+        runtime.quantize_int8(model)
+    runtime.accelerate(model, huge_pages=huge_pages)
     return model
+
+
+def load_user_model(path: "str | os.PathLike | None", **kw):
+    """:func:`load` for a path a person typed (a ``--model`` flag, lm-eval's ``path=``).
+
+    Takes the keywords of :func:`load` and turns every input problem,
+    including a bad dtype or device name, into one-line
+    :class:`~rwkvkit.errors.RwkvkitError`; shows a progress bar while reading
+    large checkpoints.
+    """
+    if path is None or str(path) == "":
+        raise CheckpointError("no model given: pass --model PATH")
+    dtype = kw.pop("dtype", None)
+    if dtype is not None:
+        try:
+            dtype = dtype_from_name(dtype)
+        except ValueError as exc:
+            raise RwkvkitError(str(exc)) from None
+    device = kw.pop("device", None)
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise RwkvkitError(f"invalid --device {device!r}: {exc}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RwkvkitError(f"--device {device} asked for, but no CUDA GPU is available")
+    kw.setdefault("progress", True)
+    return load(path, dtype=dtype, device=device, **kw)
 
 
 def _device(device: "str | torch.device") -> torch.device:
@@ -620,23 +635,19 @@ def inspect(path: "str | os.PathLike") -> dict[str, Any]:
         info["format_version"] = ck.details["version"]
         info["quantization"] = ck.details["main_type"]
         info["tensor_types"] = dict(sorted(ck.stored.items()))
-    info["generation"] = "RWKV-4" if label == "4" else label
+    supported = label in models.REGISTRY
+    info["generation"] = models.NICKNAMES[label] if supported else label
     if evidence:
         info["generation_evidence"] = evidence
-    if label == "4":
+    if supported:
         cfg = infer_config(ck)
-        info.update(
-            layers=cfg.n_layer,
-            n_embd=cfg.n_embd,
-            dim_att=cfg.dim_att,
-            dim_ffn=cfg.dim_ffn,
-            vocab=cfg.vocab_size,
-        )
+        info.update(layers=cfg.n_layer, n_embd=cfg.n_embd, vocab=cfg.vocab_size)
+        numerics = set(getattr(cfg, "NUMERICS", ()))
+        for f in dataclasses.fields(cfg):
+            if f.name not in ("n_layer", "n_embd", "vocab_size") and (f.name not in numerics or ck.format == "rwkvkit"):
+                info[f.name] = getattr(cfg, f.name)
         info["parameters"] = sum(t.numel() for t in ck.tensors.values())
         info["state_bytes_per_sequence"] = cfg.state_bytes_per_sequence
-        if ck.format == "rwkvkit":
-            info["rescale_every"] = cfg.rescale_every
-            info["ln0_fold_dtype"] = cfg.ln0_fold_dtype
     else:
         emb = ck.tensors.get("emb.weight")
         blocks = {int(m.group(1)) for k in ck.tensors for m in [re.match(r"blocks\.(\d+)\.", k)] if m}
@@ -653,7 +664,7 @@ def inspect(path: "str | os.PathLike") -> dict[str, Any]:
 
 # --------------------------------------------------------------------- write
 def _official_state_dict(model) -> dict[str, torch.Tensor]:
-    from .quant import is_quantized
+    from .runtime.quant import is_quantized
 
     if is_quantized(model):
         raise CheckpointError(

@@ -1,4 +1,4 @@
-"""Model hyper-parameters, always inferred from a checkpoint's tensor shapes.
+"""Model hyper-parameters shared by every generation, inferred from tensor shapes.
 
 RWKV checkpoints do not store their hyper-parameters; every official loader
 recovers them from the shapes of a few tensors (spec section 3.1).  rwkvkit does
@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 
@@ -22,13 +22,19 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 @dataclass
 class ModelConfig:
-    """Shape and numerics of an RWKV-4 model.
+    """What every RWKV generation shares: depth, width, vocabulary, LayerNorm eps.
 
-    The first five fields are the architecture; they are read off a state dict
-    by :meth:`from_state_dict`.  The last two are numerical conventions on which
-    the official implementations differ (spec sections 3.4 and 3.5): they do not
-    change the weights, only how the forward pass rounds.
+    Each generation subclasses it beside its model (``rwkvkit.models.rwkv4``,
+    ``rwkvkit.models.rwkv7``) with its own fields and shape rules; the class
+    attribute ``generation`` says which one a config describes.  Generic code
+    (generate, serve, eval, train) reads only the fields here.  Configs are
+    read off a checkpoint's tensor shapes, never typed by hand.
     """
+
+    # Architecture generation ("4", "7", ...); set by each subclass.
+    generation: ClassVar[str] = ""
+    # Fields that are numerical conventions, not architecture (not read off shapes).
+    NUMERICS: ClassVar[tuple[str, ...]] = ("layer_norm_eps",)
 
     # Number of residual blocks (L).
     n_layer: int
@@ -36,62 +42,48 @@ class ModelConfig:
     n_embd: int
     # Vocabulary size: rows of `emb.weight` and of `head.weight` (V).
     vocab_size: int
-    # Width of the time-mix projections and of the WKV state (C_att); equal to
-    # n_embd in every official RWKV-4 model.
-    dim_att: int = 0
-    # Hidden width of the channel-mix (F); 4 * n_embd in every official model.
-    dim_ffn: int = 0
-    # Architecture generation.  Only "4" runs today; others are refused on load.
-    version: str = "4"
-    # LayerNorm epsilon of every LayerNorm (PyTorch's default, used by all
-    # official RWKV-4 code).
+    # Epsilon of every LayerNorm (PyTorch's default, used by all official code).
     layer_norm_eps: float = 1e-5
-    # RESCALE period R (spec 3.4): when > 0, the outputs of att.output and
-    # ffn.value in layer l are divided by 2**(l // R) and the residual stream is
-    # halved after every R-th layer.  0 disables it (the `rwkv` package with an
-    # fp32/bf16 strategy, HF with rescale_every=0).  6 matches HF's default in
-    # eval mode and the `rwkv` package's fp16 strategies.  Only inference uses
-    # it; it guards fp16 against overflow and changes fp32 logits by ~1e-5.
-    rescale_every: int = 0
-    # dtype in which the block-0 LayerNorm `ln0` is folded into the embedding
-    # table at load time (spec 3.2 and 3.5).  None applies ln0 at run time, as
-    # HF and the training code do.  "bfloat16" reproduces the `rwkv` package on
-    # official bf16 checkpoints bit for bit (it folds in the file's dtype).
-    ln0_fold_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dim_att <= 0:
-            self.dim_att = self.n_embd
-        if self.dim_ffn <= 0:
-            self.dim_ffn = 4 * self.n_embd
-        for name in ("n_layer", "n_embd", "vocab_size", "dim_att", "dim_ffn"):
+        if type(self) is ModelConfig:
+            raise TypeError(
+                "ModelConfig is the base shared by every generation; build a generation's config, "
+                "e.g. rwkvkit.RWKV4Config(...) or rwkvkit.RWKV7Config(...)"
+            )
+        for name in ("n_layer", "n_embd", "vocab_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.rescale_every < 0:
-            raise ValueError(f"ModelConfig.rescale_every must be >= 0, got {self.rescale_every}")
-        if self.ln0_fold_dtype is not None:
-            dtype_from_name(self.ln0_fold_dtype)  # validates
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
 
     # ------------------------------------------------------------------ sizes
     @property
     def num_params(self) -> int:
-        """Parameter count: 2VC + L(4 C C_att + 2 C F + C^2) + vectors (spec 1.5)."""
-        C, A, F, V, L = self.n_embd, self.dim_att, self.dim_ffn, self.vocab_size, self.n_layer
-        per_layer = 4 * C * A + 2 * C * F + C * C + 4 * C + 2 * A + 5 * C
-        return 2 * V * C + L * per_layer + 4 * C
+        """Parameter count, from the expected shapes."""
+        total = 0
+        for shape in self.expected_shapes().values():
+            n = 1
+            for s in shape:
+                n *= s
+            total += n
+        return total
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     @property
-    def state_bytes_per_sequence(self) -> int:
-        """Bytes of the fp32 RNN state of one sequence: L * (2C + 3 C_att) * 4."""
-        return self.n_layer * (2 * self.n_embd + 3 * self.dim_att) * 4
+    def state_bytes_per_sequence(self) -> int:  # pragma: no cover - abstract
+        """Bytes of the fp32 RNN state of one sequence."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"generation": self.generation, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """This class's config from a dict (config.json); unknown fields are an error."""
+        data = {k: v for k, v in data.items() if k not in ("generation", "version")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -99,69 +91,52 @@ class ModelConfig:
         missing = [n for n in ("n_layer", "n_embd", "vocab_size") if n not in data]
         if missing:
             raise CheckpointError(f"config.json lacks the fields {missing}")
-        return cls(**dict(data))
+        try:
+            return cls(**dict(data))
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"config.json: {exc}") from None
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     # --------------------------------------------------------------- inference
-    @classmethod
-    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides: Any) -> "ModelConfig":
-        """Infer the architecture from official-name tensors (spec 3.1).
+    def validate_tensors(self, tensors: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Every expected key present with its exact shape, nothing else, floats only."""
+        expected = self.expected_shapes()
+        for key, shape in expected.items():
+            if key not in tensors:
+                raise CheckpointError(f"'{source}' is missing tensor '{key}' (expected shape {shape})")
+            got = tuple(tensors[key].shape)
+            if got != shape:
+                raise ShapeError(f"'{source}': tensor '{key}' has shape {got}, expected {shape}")
+            if not tensors[key].is_floating_point():
+                raise CheckpointError(
+                    f"'{source}': tensor '{key}' has dtype {dtype_name(tensors[key].dtype)}, expected a float type"
+                )
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+            raise CheckpointError(
+                f"'{source}' has unexpected tensors {extra[:5]}{more}; not a plain RWKV-{self.generation} checkpoint"
+            )
 
-        Raises :class:`CheckpointError` naming the missing key, and
-        :class:`ShapeError` naming the key and both shapes when a tensor does not
-        fit the sizes read from the others.
-        """
-        for key in ("emb.weight", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"):
-            if key not in sd:
-                raise CheckpointError(f"missing tensor '{key}': not an RWKV-4 state dict")
-        emb = sd["emb.weight"]
-        if emb.dim() != 2:
-            raise ShapeError(f"tensor 'emb.weight' has shape {tuple(emb.shape)}, expected 2 dimensions (vocab, n_embd)")
-        vocab_size, n_embd = (int(s) for s in emb.shape)
-        dim_att = int(sd["blocks.0.att.key.weight"].shape[0])
-        dim_ffn = int(sd["blocks.0.ffn.key.weight"].shape[0])
-        layers = {int(m.group(1)) for k in sd for m in [_BLOCK_RE.match(k)] if m}
-        n_layer = max(layers) + 1
-        holes = sorted(set(range(n_layer)) - layers)
-        if holes:
-            raise CheckpointError(f"missing tensors for block(s) {holes} (found blocks up to {n_layer - 1})")
-        cfg = cls(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, dim_att=dim_att, dim_ffn=dim_ffn)
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
-        cfg.__post_init__()
-        return cfg
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every official key of this model and its shape (spec 3.1 table)."""
-        C, A, F, V = self.n_embd, self.dim_att, self.dim_ffn, self.vocab_size
-        shapes: dict[str, tuple[int, ...]] = {"emb.weight": (V, C)}
-        for i in range(self.n_layer):
-            p = f"blocks.{i}."
-            if i == 0:
-                shapes[p + "ln0.weight"] = (C,)
-                shapes[p + "ln0.bias"] = (C,)
-            for ln in ("ln1", "ln2"):
-                shapes[f"{p}{ln}.weight"] = (C,)
-                shapes[f"{p}{ln}.bias"] = (C,)
-            shapes[p + "att.time_decay"] = (A,)
-            shapes[p + "att.time_first"] = (A,)
-            for m in ("k", "v", "r"):
-                shapes[f"{p}att.time_mix_{m}"] = (1, 1, C)
-            shapes[p + "att.key.weight"] = (A, C)
-            shapes[p + "att.value.weight"] = (A, C)
-            shapes[p + "att.receptance.weight"] = (A, C)
-            shapes[p + "att.output.weight"] = (C, A)
-            shapes[p + "ffn.time_mix_k"] = (1, 1, C)
-            shapes[p + "ffn.time_mix_r"] = (1, 1, C)
-            shapes[p + "ffn.key.weight"] = (F, C)
-            shapes[p + "ffn.receptance.weight"] = (C, C)
-            shapes[p + "ffn.value.weight"] = (C, F)
-        shapes["ln_out.weight"] = (C,)
-        shapes["ln_out.bias"] = (C,)
-        shapes["head.weight"] = (V, C)
-        return shapes
+def count_layers(sd: Mapping[str, Any]) -> int:
+    """L from the ``blocks.{i}.`` keys; every block from 0 to L-1 must be present."""
+    layers = {int(m.group(1)) for k in sd for m in [_BLOCK_RE.match(k)] if m}
+    if not layers:
+        raise CheckpointError("no 'blocks.N.' tensors: not an RWKV state dict")
+    n_layer = max(layers) + 1
+    holes = sorted(set(range(n_layer)) - layers)
+    if holes:
+        raise CheckpointError(f"missing tensors for block(s) {holes} (found blocks up to {n_layer - 1})")
+    return n_layer
+
+
+def require(sd: Mapping[str, Any], *keys: str, what: str) -> None:
+    for key in keys:
+        if key not in sd:
+            raise CheckpointError(f"missing tensor '{key}': not an {what} state dict")
 
 
 _DTYPES = {

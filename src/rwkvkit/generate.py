@@ -37,7 +37,7 @@ import torch
 
 from .errors import RwkvkitError
 from .sampling import SamplingConfig, make_generators, penalty_weights, sample, update_penalty_state
-from .state import State
+from .state import State, StateBase
 from .tokenizer import Tokenizer, check_vocab, load_tokenizer
 
 # The model that ships inside the package: a small byte-level RWKV-4 trained on
@@ -159,10 +159,9 @@ def _as_id_lists(prompts, tokenizer: Tokenizer | None) -> list[list[int]]:
 def _start_states(model, state: "State | None", n: int) -> State:
     if state is None:
         return model.new_state(n)
-    if not isinstance(state, State):
+    if not isinstance(state, StateBase):
         raise RwkvkitError(f"state must be an rwkvkit State, got {type(state).__name__}")
-    cfg = model.config
-    state.check(cfg.n_layer, cfg.n_embd, cfg.dim_att)
+    model.check_state(state)
     state = state.to(model.device)
     if state.batch_size == n:
         return state
@@ -193,7 +192,7 @@ def _prefill(model, ids: list[list[int]], state: State, chunk_len: int) -> tuple
         for j, r in enumerate(rows):
             logits[r] = out[j, -1]
             rows_out[r] = st.select(j)
-    return torch.stack(logits), State.concat(rows_out)
+    return torch.stack(logits), StateBase.concat(rows_out)
 
 
 def _resolve_tokenizer(model, tokenizer) -> Tokenizer | None:

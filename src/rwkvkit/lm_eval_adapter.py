@@ -70,7 +70,7 @@ class RwkvkitLM(TemplateLM):
         **unused,
     ) -> None:
         super().__init__()
-        from .commands.common import load_model_arg
+        from .checkpoint import load_user_model as load_model_arg
         from .tokenizer import tokenizer_for_model
 
         path = path or pretrained

@@ -264,7 +264,7 @@ def read_raw(path: "str | os.PathLike", progress: bool = False) -> tuple[Header,
 
 
 # --------------------------------------------------------------- transforms
-def to_official(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _to_official4(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Undo rwkv.cpp's RWKV-4 conversion: official key shapes and time_decay d.
 
     ``time_decay`` was stored as ``w = -exp(d)``; ``d = log(-w)`` in float64 so
@@ -286,8 +286,8 @@ def to_official(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`to_official`: what rwkv.cpp's converter stores."""
+def _from_official4(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_to_official4`: what rwkv.cpp's converter stores."""
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
         if name.endswith("att.time_decay"):
@@ -296,6 +296,26 @@ def from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             t = t.squeeze()
         out[name] = t
     return out
+
+
+# generation -> (file tensors -> official state dict, official -> file tensors)
+TRANSFORMS = {"4": (_to_official4, _from_official4)}
+
+
+def _transforms(generation: str):
+    if generation not in TRANSFORMS:
+        raise CheckpointError(f"rwkv.cpp files of RWKV-{generation} are not supported; rwkvkit reads {sorted(TRANSFORMS)}")
+    return TRANSFORMS[generation]
+
+
+def to_official(tensors: Mapping[str, torch.Tensor], generation: str = "4") -> dict[str, torch.Tensor]:
+    """Tensors of an rwkv.cpp file -> the official state dict of that generation."""
+    return _transforms(generation)[0](tensors)
+
+
+def from_official(sd: Mapping[str, torch.Tensor], generation: str = "4") -> dict[str, torch.Tensor]:
+    """An official state dict -> the tensors rwkv.cpp's converter would store."""
+    return _transforms(generation)[1](sd)
 
 
 # -------------------------------------------------------------------- writing

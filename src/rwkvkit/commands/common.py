@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import CheckpointError, RwkvkitError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -16,34 +15,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) 
 
 
 def load_model_arg(path: "str | Path", **kw):
-    """Load the model named by a ``--model`` flag, for a command line.
+    """Load the model named by a ``--model`` flag (see :func:`rwkvkit.checkpoint.load_user_model`)."""
+    from ..checkpoint import load_user_model
 
-    Takes the keywords of :func:`rwkvkit.load` (``dtype``, ``device``,
-    ``rescale_every``, ``ln0_fold_dtype``) and turns every input problem,
-    including a bad dtype or device name, into one-line
-    :class:`~rwkvkit.errors.RwkvkitError`; shows a progress bar while reading
-    large checkpoints.
-    """
-    from ..checkpoint import load
-    from ..config import dtype_from_name
-
-    if path is None or str(path) == "":
-        raise CheckpointError("no model given: pass --model PATH")
-    dtype = kw.pop("dtype", None)
-    if dtype is not None:
-        try:
-            dtype = dtype_from_name(dtype)
-        except ValueError as exc:
-            raise RwkvkitError(str(exc)) from None
-    device = kw.pop("device", None)
-    if device is not None:
-        import torch
-
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise RwkvkitError(f"invalid --device {device!r}: {exc}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RwkvkitError(f"--device {device} asked for, but no CUDA GPU is available")
-    kw.setdefault("progress", True)
-    return load(path, dtype=dtype, device=device, **kw)
+    return load_user_model(path, **kw)

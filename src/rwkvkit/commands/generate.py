@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ----------------------------------------------------------------- helpers
-def _load(args):
+def _load(args, huge_pages: bool = False):
     """(model, tokenizer) for the flags; the tokenizer is checked against the model."""
     from ..generate import SHIPPED_MODEL
     from ..tokenizer import tokenizer_for_model
@@ -113,7 +113,7 @@ def _load(args):
         size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         if size > BIG_MODEL_BYTES:
             print(f"loading {p} ({size / 2**30:.2f} GiB)...", file=sys.stderr, flush=True)
-    model = load_model_arg(path, dtype=dtype, device=args.device)
+    model = load_model_arg(path, dtype=dtype, device=args.device, huge_pages=huge_pages)
     if model.device.type == "cpu" and model.num_parameters() < SMALL_MODEL_PARAMS:
         # One RNN step of a small model is a few hundred tiny ops; extra
         # threads only add synchronisation (3-10x slower on a busy machine).
@@ -146,8 +146,7 @@ def _load_state(path, model):
     from ..state import State
 
     st = State.load(path)
-    cfg = model.config
-    st.check(cfg.n_layer, cfg.n_embd, cfg.dim_att)
+    model.check_state(st)
     if st.batch_size != 1:
         raise RwkvkitError(f"state file '{path}' holds {st.batch_size} sequences, expected 1")
     return st

@@ -118,20 +118,20 @@ def _build_rwkv(opts: BenchOptions):
     import torch
 
     if opts.model is not None:
-        from ..commands.common import load_model_arg
+        from ..checkpoint import load_user_model
 
-        return load_model_arg(opts.model, dtype="float32")
-    from ..config import ModelConfig
+        return load_user_model(opts.model, dtype="float32")
+    from .. import models, runtime
     from ..init import random_state_dict
-    from ..model import RWKV
+    from ..models.rwkv4 import RWKV4Config
 
     L, C, V = resolve_shape(opts)
-    cfg = ModelConfig(n_layer=L, n_embd=C, vocab_size=V)
+    cfg = RWKV4Config(n_layer=L, n_embd=C, vocab_size=V)
     sd = random_state_dict(cfg, seed=opts.seed)
     with torch.device("meta"):
-        model = RWKV(cfg)
+        model = models.build(cfg)
     model.load_state_dict(sd, assign=True)
-    return model.eval()
+    return runtime.accelerate(model.eval())
 
 
 def _rwkv_shape(opts: BenchOptions) -> tuple[int, int, int]:

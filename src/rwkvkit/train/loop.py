@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from ..errors import RwkvkitError
 from ..io_utils import atomic_dir, atomic_path
-from ..state import State
+from ..models.common import RWKVBase
+from ..state import MatrixState, State
 from . import data as D
 from . import distributed as dist_utils
 from .config import TrainConfig
@@ -50,9 +51,11 @@ STATE_TUNE_PP_INIT = -5.0
 class StateTuner(nn.Module):
     """A frozen model plus a trainable initial RNN state (RWKV "state tuning").
 
-    The WKV part is parameterised as (aa, bb = 1, pp): with bb fixed the
-    numerator/denominator pair is always valid (bb > 0) and pp alone sets how
-    much weight the learned past carries.
+    RWKV-4: the WKV part is parameterised as (aa, bb = 1, pp): with bb fixed
+    the numerator/denominator pair is always valid (bb > 0) and pp alone sets
+    how much weight the learned past carries.  RWKV-5/6/7: every field of the
+    matrix state is learned directly (the per-head WKV matrices are what RWKV's
+    own state tuning trains).
     """
 
     def __init__(self, model: nn.Module):
@@ -60,16 +63,27 @@ class StateTuner(nn.Module):
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
-        cfg = model.config
-        L, C, A = cfg.n_layer, cfg.n_embd, cfg.dim_att
-        dev = model.device
-        self.att_x = nn.Parameter(torch.zeros(L, 1, C, device=dev))
-        self.att_aa = nn.Parameter(torch.zeros(L, 1, A, device=dev))
-        self.att_pp = nn.Parameter(torch.full((L, 1, A), STATE_TUNE_PP_INIT, device=dev))
-        self.ffn_x = nn.Parameter(torch.zeros(L, 1, C, device=dev))
+        template = model.new_state(1)
+        self.generation = template.generation
+        if isinstance(template, State):
+            self.att_x = nn.Parameter(template.att_x.clone())
+            self.att_aa = nn.Parameter(template.att_aa.clone())
+            self.att_pp = nn.Parameter(torch.full_like(template.att_pp, STATE_TUNE_PP_INIT))
+            self.ffn_x = nn.Parameter(template.ffn_x.clone())
+        else:
+            self.att_x = nn.Parameter(template.att_x.clone())
+            self.att_kv = nn.Parameter(template.att_kv.clone())
+            self.ffn_x = nn.Parameter(template.ffn_x.clone())
 
-    def initial_state(self, batch: int = 1) -> State:
+    def initial_state(self, batch: int = 1):
         L = self.att_x.shape[0]
+        if hasattr(self, "att_kv"):
+            return MatrixState(
+                att_x=self.att_x.expand(L, batch, -1),
+                att_kv=self.att_kv.expand(L, batch, *self.att_kv.shape[2:]),
+                ffn_x=self.ffn_x.expand(L, batch, -1),
+                generation=self.generation,
+            )
         return State(
             att_x=self.att_x.expand(L, batch, -1),
             att_aa=self.att_aa.expand(L, batch, -1),
@@ -121,22 +135,21 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
     import rwkvkit
-    from ..config import ModelConfig
+    from .. import models
     from ..init import init_weights
-    from ..model import RWKV
+    from ..models.rwkv4 import RWKV4Config
 
     if cfg.init_from:
         model = rwkvkit.load(cfg.init_from, dtype=torch.float32)
         # Training runs the exact model: ln0 at run time, no fp16 rescaling.
-        model.fold_ln0(None)
-        model.config.rescale_every = 0
+        model.for_training()
         if model.config.vocab_size < vocab_size:
             raise RwkvkitError(
                 f"the data uses token ids up to {vocab_size - 1} but '{cfg.init_from}' has a vocabulary of {model.config.vocab_size}"
             )
     else:
-        mc = ModelConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn)
-        model = RWKV(mc)
+        mc = RWKV4Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn)
+        model = models.build(mc)
         init_weights(model, seed=cfg.seed, emb_init=cfg.emb_init)
     model.to(device)
     model.wkv_backend = cfg.wkv_backend
@@ -182,9 +195,8 @@ def _save_model(model: nn.Module, folder: Path) -> None:
     """An rwkvkit folder for RWKV models; model.pt (a state dict) for the custom
     models :func:`train` also accepts (e.g. a baseline Transformer)."""
     import rwkvkit
-    from ..model import RWKV
 
-    if isinstance(model, RWKV):
+    if isinstance(model, RWKVBase):
         rwkvkit.save(model, folder)
     else:
         with atomic_dir(folder) as tmp:
@@ -193,11 +205,11 @@ def _save_model(model: nn.Module, folder: Path) -> None:
 
 def _save_model_state(model: nn.Module, sd: dict[str, torch.Tensor], folder: Path) -> None:
     """:func:`_save_model` from a gathered state dict (FSDP) instead of the live model."""
-    from ..model import RWKV
+    from .. import models
 
-    if isinstance(model, RWKV):
+    if isinstance(model, RWKVBase):
         with torch.device("meta"):
-            copy = RWKV(model.config)
+            copy = models.build(model.config)
         copy.load_state_dict(sd, assign=True)  # the gathered CPU tensors, no second copy
         _save_model(copy, folder)
     else:
@@ -207,9 +219,8 @@ def _save_model_state(model: nn.Module, sd: dict[str, torch.Tensor], folder: Pat
 
 def _read_model_weights(model: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
     import rwkvkit
-    from ..model import RWKV
 
-    if isinstance(model, RWKV):
+    if isinstance(model, RWKVBase):
         return rwkvkit.load(folder, dtype=torch.float32).state_dict()
     return torch.load(folder / "model.pt", map_location="cpu")
 

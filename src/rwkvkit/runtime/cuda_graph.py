@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import torch
 
-from .errors import RwkvkitError
-from .model import RWKV
-from .state import State
+from ..errors import RwkvkitError
 
 
 class CudaGraphDecoder:
     """``model``'s one-token step for a fixed batch size, replayed as a CUDA graph."""
 
-    def __init__(self, model: RWKV, batch_size: int = 1):
+    def __init__(self, model, batch_size: int = 1):
         if model.device.type != "cuda":
             raise RwkvkitError(f"CudaGraphDecoder needs a model on a CUDA device, this one is on {model.device}")
         if batch_size < 1:
@@ -63,7 +61,7 @@ class CudaGraphDecoder:
         self._logits = logits[:, -1]
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def __call__(self, tokens: torch.Tensor, state=None):
         """Feed one token per sequence: tokens [B] or [B, 1]; returns (logits [B, V], state)."""
         if self.model.training:
             raise RwkvkitError("CudaGraphDecoder is for inference: call model.eval() first")
@@ -77,8 +75,7 @@ class CudaGraphDecoder:
             for dst, src in zip(self._state.tensors(), self.model.new_state(B).tensors()):
                 dst.copy_(src)
         elif state is not self._state:
-            cfg = self.model.config
-            state.check(cfg.n_layer, cfg.n_embd, cfg.dim_att, batch=B)
+            self.model.check_state(state, batch=B)
             for dst, src in zip(self._state.tensors(), state.tensors()):
                 dst.copy_(src)
         assert self._graph is not None and self._logits is not None

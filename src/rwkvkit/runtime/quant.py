@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import RwkvkitError
+from ..errors import RwkvkitError
 
 # Up to this many rows (batch * time) an int8 linear multiplies by the int8
 # weights directly; above it, dequantising the matrix once is cheaper.
@@ -62,7 +62,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         if linear.bias is not None:
-            raise ValueError("Int8Linear has no bias; RWKV-4 linear layers have none")
+            raise ValueError("Int8Linear has no bias; RWKV linear layers have none")
         m = cls(linear.in_features, linear.out_features)
         q, s = quantize_weight(linear.weight)
         m.qweight = q.to(linear.weight.device)
@@ -81,7 +81,7 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         y = None
         if x2.shape[0] <= _DIRECT_ROWS and x2.device.type == "cpu" and not torch.is_grad_enabled():
-            from . import infer_cpu
+            from . import infer_cpu  # noqa: F401  (same layer)
 
             y = infer_cpu.linear(x2, self.qweight, self.scale)
             if y is None:
@@ -93,10 +93,11 @@ class Int8Linear(nn.Module):
 
 
 def _linears(model, head: bool):
+    """Every projection matrix of every block (any generation), then the head."""
     for block in model.blocks:
         for sub in (block.att, block.ffn):
-            for name in ("key", "value", "receptance", "output"):
-                if hasattr(sub, name):
+            for name, child in list(sub.named_children()):
+                if isinstance(child, (nn.Linear, Int8Linear)):
                     yield sub, name
     if head:
         yield model, "head"
@@ -111,9 +112,9 @@ def quantize_int8(model, head: bool = True):
     The embedding is never quantised (decoding reads one row of it).  Returns
     the model.
     """
-    from .model import RWKV
+    from ..models.common import RWKVBase
 
-    if not isinstance(model, RWKV):
+    if not isinstance(model, RWKVBase):
         raise RwkvkitError(f"quantize_int8 expects an rwkvkit RWKV model, got {type(model).__name__}")
     if model.training:
         model.eval()

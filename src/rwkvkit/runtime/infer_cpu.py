@@ -1,8 +1,9 @@
 """The fused CPU decoder: one C++ call per generated token (``csrc/infer_cpu.cpp``).
 
-:meth:`rwkvkit.model.RWKV.forward` uses it for T == 1 on the CPU when no
-gradient is recorded and the weights are float32 (or int8, see
-:mod:`rwkvkit.quant`).  The extension is built on first use with
+An RWKV-4 model's ``forward`` uses it for T == 1 on the CPU when no gradient
+is recorded and the weights are float32 (or int8, see
+:mod:`rwkvkit.runtime.quant`), once :func:`rwkvkit.runtime.accelerate` has
+attached it.  The extension is built on first use with
 ``torch.utils.cpp_extension`` (a few seconds; it includes only pybind11 and
 ATen/Parallel.h) and cached in torch's extension folder.  Where it cannot be
 built, one warning names the cause and the model keeps its pure-PyTorch RNN
@@ -64,7 +65,7 @@ def load_extension(force_fail: bool = False):
         return _ext
     _tried[False] = True
     try:
-        from ._cbuild import build_extension
+        from .._cbuild import build_extension
 
         start = time.perf_counter()
         _log.info("building the fused CPU decoder (first use on this machine)")
@@ -74,7 +75,7 @@ def load_extension(force_fail: bool = False):
         _build_seconds = time.perf_counter() - start
         _ext = ext
     except Exception as exc:  # any failure means: fall back, say why once
-        from ._cbuild import failure_cause
+        from .._cbuild import failure_cause
 
         warnings.warn(_fail_message(failure_cause(exc)), RuntimeWarning, stacklevel=2)
         _ext = None
@@ -176,7 +177,7 @@ def _install_hooks() -> None:
 class DecodePlan:
     """The pointer table of one model, and the tensors it keeps alive."""
 
-    def __init__(self, model):
+    def __init__(self, model, huge_pages: bool = False):
         cfg = model.config
         C, A = cfg.n_embd, cfg.dim_att
         _install_hooks()
@@ -223,7 +224,7 @@ class DecodePlan:
         self.ln_out = (lnw, lnb)
         self.keep = keep
         self.ok = True
-        self.huge_bytes = use_huge_pages(t for t in keep if t.dim() == 2)
+        self.huge_bytes = use_huge_pages((t for t in keep if t.dim() == 2), enabled=huge_pages)
 
 
     def current(self) -> bool:
@@ -241,8 +242,8 @@ _HUGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
 
 
-def use_huge_pages(tensors) -> int:
-    """With RWKVKIT_HUGEPAGES=1, ask Linux to back the weight matrices with 2 MiB
+def use_huge_pages(tensors, enabled: bool = True) -> int:
+    """With ``enabled``, ask Linux to back the weight matrices with 2 MiB
     pages; returns the bytes now in huge pages (0 when off or unsupported).
 
     Decoding streams every weight once per token.  With 4 KiB pages that is a
@@ -254,10 +255,9 @@ def use_huge_pages(tensors) -> int:
     server or long generations, not for a short one.  Best effort: a refusal
     changes nothing.
     """
-    import os
     import sys
 
-    if not sys.platform.startswith("linux") or os.environ.get("RWKVKIT_HUGEPAGES", "0") != "1":
+    if not enabled or not sys.platform.startswith("linux"):
         return 0
     try:
         import ctypes
@@ -282,30 +282,30 @@ def use_huge_pages(tensors) -> int:
     return done
 
 
-def plan_for(model) -> DecodePlan | None:
+def plan_for(model, huge_pages: bool = False) -> DecodePlan | None:
     """The model's cached plan, rebuilt if any watched tensor changed; None if unusable."""
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.current():
-        plan = DecodePlan(model)
+        plan = DecodePlan(model, huge_pages)
         model._decode_plan = plan
     return plan if plan.ok else None
 
 
 @torch.no_grad()
-def step(model, tokens: torch.Tensor, state, want_logits: bool):
+def step(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool = False):
     """One RNN step through the extension: tokens [B, 1] -> (logits [B, 1, V] or None, new State).
 
     Returns None when the fused path cannot run this model (the caller then
     runs the PyTorch step).
     """
-    from .state import State
+    from ..state import State
 
-    if tokens.shape[0] > MAX_BATCH:
+    if model.config.generation != "4" or tokens.device.type != "cpu" or tokens.shape[0] > MAX_BATCH:
         return None
     ext = load_extension()
     if ext is None:
         return None
-    plan = plan_for(model)
+    plan = plan_for(model, huge_pages)
     if plan is None:
         return None
     cfg = model.config
