@@ -106,9 +106,7 @@ def set_isa(isa: int) -> int:
 # --------------------------------------------------------------------- plan
 def _linear_entry(module, keep: list) -> list[int] | None:
     """(weight, scale, n, k, kind) of an nn.Linear or quant.Int8Linear, or None if unusable."""
-    from .quant import Int8Linear
-
-    if isinstance(module, Int8Linear):
+    if _is_int8(module):
         q, s = module.qweight, module.scale
         if q.dtype != torch.int8 or s.dtype != torch.float32 or not (q.is_contiguous() and s.is_contiguous()):
             return None
@@ -125,10 +123,14 @@ def _linear_entry(module, keep: list) -> list[int] | None:
     return [w.data_ptr(), 0, w.shape[0], w.shape[1], 0]
 
 
-def _linear_tensors(module) -> list[torch.Tensor]:
-    from .quant import Int8Linear
+def _is_int8(module) -> bool:
+    # quant.Int8Linear, recognised by its buffers: quant imports this module
+    # for its kernel, so importing quant here would close a circle.
+    return isinstance(getattr(module, "qweight", None), torch.Tensor) and hasattr(module, "scale")
 
-    if isinstance(module, Int8Linear):
+
+def _linear_tensors(module) -> list[torch.Tensor]:
+    if _is_int8(module):
         return [module.qweight, module.scale]
     return [module.weight]
 
