@@ -25,7 +25,7 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 
 # generation -> module name under rwkvkit.models
-REGISTRY: dict[str, str] = {"4": "rwkv4"}
+REGISTRY: dict[str, str] = {"4": "rwkv4", "7": "rwkv7"}
 
 NICKNAMES = {"4": "RWKV-4", "5": "RWKV-5 (Eagle)", "6": "RWKV-6 (Finch)", "7": "RWKV-7 (Goose)"}
 
