@@ -221,13 +221,15 @@ class TimeMix(nn.Module):
         in layer 0).  Returns (output, new kv, v_first)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        # The decay, the WKV and its inputs run in fp32 at least (fp64 for fp64 models).
+        f32 = torch.promote_types(x.dtype, torch.float32)
         dx = shift(x, prev) - x
         xr, xw, xk, xv, xa, xg = (x + dx * getattr(self, f"x_{m}") for m in ("r", "w", "k", "v", "a", "g"))
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
         # Decay and gates in fp32 (the decay must be: w is close to 1).
-        w_hat = self.w0.float() + torch.tanh(xw.float() @ self.w1.float()) @ self.w2.float()
+        w_hat = self.w0.to(f32) + torch.tanh(xw.to(f32) @ self.w1.to(f32)) @ self.w2.to(f32)
         logw = -_DECAY_SCALE * torch.sigmoid(w_hat)  # log of w in (-0.6065, 0)
         alpha = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
@@ -237,16 +239,16 @@ class TimeMix(nn.Module):
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        heads = lambda t: t.float().view(B, T, H, N)  # noqa: E731
+        heads = lambda t: t.to(f32).view(B, T, H, N)  # noqa: E731
         alpha_h = heads(alpha)
-        a, b = -kappa.float(), kappa.float() * alpha_h
+        a, b = -kappa.to(f32), kappa.to(f32) * alpha_h
         if T == 1 and not (torch.is_grad_enabled() and self.training):
             y, kv = wkv7_step(heads(r)[:, 0], logw.view(B, T, H, N)[:, 0], heads(k)[:, 0], heads(v)[:, 0], a[:, 0], b[:, 0], kv)
             y = y.unsqueeze(1)
         else:
             y, kv = wkv7(heads(r), logw.view(B, T, H, N), heads(k), heads(v), a, b, kv, backend=backend)
         z = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, H, N)
-        bonus = (heads(r) * heads(k) * self.r_k.float()).sum(-1, keepdim=True) * heads(v)  # [B, T, H, N]
+        bonus = (heads(r) * heads(k) * self.r_k.to(f32)).sum(-1, keepdim=True) * heads(v)  # [B, T, H, N]
         z = (z + bonus.to(z.dtype)).view(B, T, C)
         return self.output(z * g), kv, v_first
 
@@ -319,7 +321,7 @@ class RWKV7(RWKVBase):
             x = x + block.ffn(b, state.ffn_x[i])
             att_x.append(a[:, -1].float())
             ffn_x.append(b[:, -1].float())
-            att_kv.append(kv.float())
+            att_kv.append(kv)
         return x, MatrixState(torch.stack(att_x), torch.stack(att_kv), torch.stack(ffn_x), generation="7")
 
 
