@@ -15,6 +15,9 @@ from typing import Any, Mapping
 
 from ..errors import RwkvkitError
 
+# Generations `rwkvkit train` builds from scratch.
+GENERATIONS = ("4", "7")
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -27,20 +30,27 @@ class TrainConfig:
     out: str = _f("", "output folder: checkpoints/, model/, metrics.jsonl, loss.png", group="data", metavar="DIR")
     vocab_size: int = _f(0, "vocabulary size; only needed for binidx data (prepared data records it)", group="data")
     # -------------------------------------------------------------------- model
+    generation: str = _f("4", "RWKV generation of a model trained from scratch: 4, or 7 (Goose, the x070 trainer's init); with --init-from the checkpoint's own generation is used", group="model", choices=GENERATIONS)
     n_layer: int = _f(6, "blocks of a model trained from scratch", group="model")
     n_embd: int = _f(512, "width of a model trained from scratch", group="model")
-    dim_att: int = _f(0, "time-mix width (0 = n_embd)", group="model")
-    dim_ffn: int = _f(0, "channel-mix hidden width (0 = 4 n_embd)", group="model")
-    emb_init: str = _f("uniform", "embedding init: uniform U(+-1e-4) (paper), normal, orthogonal (v4 trainer)", group="model", choices=("uniform", "normal", "orthogonal"))
-    init_from: str = _f("", "start from this checkpoint (any format rwkvkit.load reads) instead of the paper's init", group="model", metavar="CHECKPOINT")
+    dim_att: int = _f(0, "RWKV-4 time-mix width (0 = n_embd; RWKV-7 has none: its time mix is n_embd wide)", group="model")
+    dim_ffn: int = _f(0, "channel-mix hidden width (0 = 4 n_embd, both generations)", group="model")
+    head_size: int = _f(64, "RWKV-7 channels per head (64 in every released model); must divide n_embd (use a smaller one for tiny widths)", group="model")
+    d_decay: int = _f(0, "RWKV-7 LoRA rank of the decay w (0 = the x070 trainer's max(32, round(1.8 sqrt(n_embd) / 32) * 32))", group="model")
+    d_aaa: int = _f(0, "RWKV-7 LoRA rank of the in-context learning rate a (0 = max(32, round(1.8 sqrt(n_embd) / 32) * 32))", group="model")
+    d_mv: int = _f(0, "RWKV-7 LoRA rank of the value residual v (0 = max(32, round(1.3 sqrt(n_embd) / 32) * 32))", group="model")
+    d_gate: int = _f(0, "RWKV-7 LoRA rank of the output gate g (0 = max(32, round(0.6 n_embd^0.8 / 32) * 32))", group="model")
+    emb_init: str = _f("uniform", "RWKV-4 embedding init: uniform U(+-1e-4) (paper), normal, orthogonal (v4 trainer); RWKV-7 always uses U(+-1e-4)", group="model", choices=("uniform", "normal", "orthogonal"))
+    init_from: str = _f("", "start from this checkpoint (any format rwkvkit.load reads, any generation) instead of the official init", group="model", metavar="CHECKPOINT")
     # ------------------------------------------------------------------- tuning
     tune: str = _f("full", "what to train: full (all weights), lora (peft adapters), state (only the initial RNN state)", group="tuning", choices=("full", "lora", "state"))
     lora_r: int = _f(8, "LoRA rank", group="tuning")
     lora_alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / r)", group="tuning")
     lora_dropout: float = _f(0.0, "dropout on the LoRA input", group="tuning")
     lora_targets: str = _f(
-        "att.key,att.value,att.receptance,att.output,ffn.key,ffn.value,ffn.receptance",
-        "comma-separated Linear layers (name suffixes) that get LoRA adapters",
+        "",
+        "comma-separated Linear layers (name suffixes) that get LoRA adapters; empty = the generation's projections "
+        "(RWKV-4: att.key,att.value,att.receptance,att.output,ffn.key,ffn.value,ffn.receptance; RWKV-7: the same without ffn.receptance, which it lacks)",
         group="tuning",
         metavar="NAMES",
     )
@@ -60,9 +70,9 @@ class TrainConfig:
     schedule: str = _f("exp", "decay from lr_init to lr_final: exp (RWKV-LM v4neo), cosine, constant", group="optim", choices=("exp", "cosine", "constant"))
     beta1: float = _f(0.9, "Adam beta1", group="optim")
     beta2: float = _f(0.99, "Adam beta2 (the paper's 0.99)", group="optim")
-    adam_eps: float = _f(1e-8, "Adam epsilon", group="optim")
-    weight_decay: float = _f(0.0, "decoupled weight decay (AdamW) on matrices only; 0 = plain Adam as in the paper", group="optim")
-    layerwise_lr: bool = _f(True, "time_decay learns at 2x and time_first at 3x the rate (RWKV-LM v4neo)", group="optim")
+    adam_eps: float = _f(1e-8, "Adam epsilon (RWKV-LM uses 1e-8 for RWKV-4/5/6 and 1e-18 for RWKV-7: pass --adam-eps 1e-18 to follow the x070 trainer)", group="optim")
+    weight_decay: float = _f(0.0, "decoupled weight decay (AdamW) on matrices only (RWKV-7: the 2-D .weight matrices, not its LoRAs); 0 = plain Adam as in the paper", group="optim")
+    layerwise_lr: bool = _f(True, "per-generation learning-rate multipliers: RWKV-4 time_decay 2x and time_first 3x (RWKV-LM v4neo), RWKV-7 att.w0 2x (x070 trainer)", group="optim")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", group="optim")
     l2wrap: float = _f(1e-4, "factor of the L2Wrap auxiliary gradient on the largest logit (0 = off)", group="optim")
     # -------------------------------------------------------------------- speed
@@ -103,8 +113,26 @@ class TrainConfig:
             raise RwkvkitError(f"--tune {self.tune} fine-tunes an existing model: pass --init-from CHECKPOINT")
         if self.merge_lora and self.tune != "lora":
             raise RwkvkitError("--merge-lora needs --tune lora")
+        if not self.init_from:
+            self._validate_shape()
         if self.parallel == "fsdp" and self.tune != "full":
             raise RwkvkitError(f"--parallel fsdp shards full training only; --tune {self.tune} trains a few small tensors: use ddp")
+
+    def _validate_shape(self) -> None:
+        """Checks of a from-scratch model, only of the options its generation has."""
+        for name in ("n_layer", "n_embd"):
+            if getattr(self, name) < 1:
+                raise RwkvkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("dim_ffn", "dim_att", "d_decay", "d_aaa", "d_mv", "d_gate"):
+            if getattr(self, name) < 0:
+                raise RwkvkitError(f"--{name.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(self, name)}")
+        if self.generation == "7":
+            if self.dim_att not in (0, self.n_embd):
+                raise RwkvkitError(f"--dim-att {self.dim_att}: RWKV-7's time mix is n_embd ({self.n_embd}) wide; leave --dim-att at 0")
+            if self.head_size < 1 or self.n_embd % self.head_size:
+                raise RwkvkitError(
+                    f"--head-size {self.head_size} must divide --n-embd {self.n_embd} (RWKV-7 has n_embd / head_size heads)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +190,8 @@ def make_config(file_values: Mapping[str, Any] | None = None, **overrides: Any) 
     (None values in ``overrides`` mean "not given")."""
     values = dict(file_values or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if isinstance(values.get("generation"), int) and not isinstance(values["generation"], bool):
+        values["generation"] = str(values["generation"])  # `generation = 7` in a config file
     known = _fields()
     for name, value in values.items():
         default = known[name].default

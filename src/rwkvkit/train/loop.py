@@ -40,7 +40,7 @@ from ..state import MatrixState, State
 from . import data as D
 from . import distributed as dist_utils
 from .config import TrainConfig
-from .optim import build_optimizer, l2wrap, lr_at, param_groups, set_lr
+from .optim import build_optimizer, l2wrap, lr_at, model_param_groups, set_lr
 
 # Initial log-scale pp of a learned state (state tuning): a virtual past of
 # weight e^-5 and value aa = 0, small next to a real token's e^k.
@@ -133,11 +133,48 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             sub.forward = wrapped
 
 
+def lora_rank_defaults(n_embd: int) -> dict[str, int]:
+    """RWKV-7 LoRA ranks of the May-2025 x070 trainer (rwkv5-7 spec 2.4):
+    D_w = D_a = max(32, round(1.8 sqrt(C) / 32) * 32), D_v with 1.3 sqrt(C),
+    D_g = max(32, round(0.6 C^0.8 / 32) * 32)."""
+    C = n_embd
+
+    def r32(x: float) -> int:
+        return max(32, int(round(x / 32)) * 32)
+
+    return {"d_decay": r32(1.8 * C**0.5), "d_aaa": r32(1.8 * C**0.5), "d_mv": r32(1.3 * C**0.5), "d_gate": r32(0.6 * C**0.8)}
+
+
+def model_config(cfg: TrainConfig, vocab_size: int):
+    """The ModelConfig of a model trained from scratch (``--generation``)."""
+    if cfg.generation == "7":
+        from ..models.rwkv7 import RWKV7Config
+
+        ranks = lora_rank_defaults(cfg.n_embd)
+        ranks.update({k: getattr(cfg, k) for k in ranks if getattr(cfg, k) > 0})
+        # No v0/v1/v2 in layer 0 (it makes v_first and never reads them), as
+        # in the x070 trainer: unused parameters would stall DDP.
+        return RWKV7Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, head_size=cfg.head_size,
+                           dim_ffn=cfg.dim_ffn, layer0_v_lora=False, **ranks)
+    from ..models.rwkv4 import RWKV4Config
+
+    return RWKV4Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn)
+
+
+def _freeze_unused(model: nn.Module) -> None:
+    """RWKV-7 files that keep layer 0's v0/v1/v2 (released ones do): the
+    forward never reads them, so they get no gradient; frozen, DDP and the
+    optimiser do not wait for one."""
+    att = model.blocks[0].att
+    if getattr(model, "generation", None) == "7" and getattr(att, "has_v_lora", False):
+        for name in ("v0", "v1", "v2"):
+            getattr(att, name).requires_grad_(False)
+
+
 def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
     import rwkvkit
     from .. import models
     from ..init import init_weights
-    from ..models.rwkv4 import RWKV4Config
 
     if cfg.init_from:
         model = rwkvkit.load(cfg.init_from, dtype=torch.float32)
@@ -148,9 +185,18 @@ def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
                 f"the data uses token ids up to {vocab_size - 1} but '{cfg.init_from}' has a vocabulary of {model.config.vocab_size}"
             )
     else:
-        mc = RWKV4Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn)
+        try:
+            mc = model_config(cfg, vocab_size)
+        except ValueError as exc:
+            raise RwkvkitError(f"--generation {cfg.generation}: {exc}") from None
         model = models.build(mc)
         init_weights(model, seed=cfg.seed, emb_init=cfg.emb_init)
+    if model.generation == "7":
+        from ..ops.wkv7 import BACKENDS
+
+        if cfg.wkv_backend not in BACKENDS:
+            raise RwkvkitError(f"--wkv-backend {cfg.wkv_backend!r}: RWKV-7 has {', '.join(BACKENDS)}")
+    _freeze_unused(model)
     model.to(device)
     model.wkv_backend = cfg.wkv_backend
     if cfg.grad_checkpoint:
@@ -160,12 +206,12 @@ def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
             from peft import LoraConfig, get_peft_model
         except ImportError:
             raise RwkvkitError("--tune lora needs the peft library: pip install 'rwkvkit[train]' (or pip install peft)") from None
-        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+        targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or list(models.spec_of(model).LORA_TARGETS)
         lc = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
         try:
             model = get_peft_model(model, lc)
         except ValueError as exc:
-            raise RwkvkitError(f"--lora-targets {cfg.lora_targets!r}: {str(exc).splitlines()[0]}") from None
+            raise RwkvkitError(f"--lora-targets {','.join(targets)!r}: {str(exc).splitlines()[0]}") from None
     elif cfg.tune == "state":
         model = StateTuner(model)
     return model
@@ -482,7 +528,7 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
     fsdp = info.enabled and cfg.parallel == "fsdp"
     if fsdp:
         model = dist_utils.wrap(model, info, "fsdp")
-    groups = param_groups(model.named_parameters(), cfg.weight_decay, cfg.layerwise_lr)
+    groups = model_param_groups(model, cfg.weight_decay, cfg.layerwise_lr)
     if not groups:
         raise RwkvkitError("nothing to train: every parameter is frozen")
     params = [p for g in groups for p in g["params"]]

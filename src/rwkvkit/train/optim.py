@@ -1,7 +1,9 @@
 """The optimisation side of the paper's recipe (spec 4.2 and 4.3).
 
-- :func:`param_groups`: weight decay only on matrices, layer-wise learning
-  rates for ``time_decay`` (x2) and ``time_first`` (x3).
+- :func:`param_groups` / :func:`model_param_groups`: weight decay only on
+  matrices, per-generation learning-rate multipliers (RWKV-4 ``time_decay``
+  x2 and ``time_first`` x3; RWKV-7 ``att.w0`` x2 and decay only on ``.weight``
+  matrices, rwkv5-7 spec 8.2).
 - :func:`lr_at`: warm-up, an optional constant phase, then exponential (the
   RWKV-LM v4neo schedule) or cosine decay to ``lr_final``.
 - :func:`build_optimizer`: Adam(W) with betas (0.9, 0.99), eps 1e-8.
@@ -11,16 +13,22 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 import torch.nn as nn
+
+
+# RWKV-4's multipliers (RWKV-LM v4neo): the default for models without a registry module.
+V4_LR_SCALES = {"time_decay": 2.0, "time_first": 3.0}
 
 
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]],
     weight_decay: float = 0.0,
     layerwise_lr: bool = True,
+    lr_scales: Mapping[str, float] | None = None,
+    decay_weights_only: bool = False,
 ) -> list[dict]:
     """Split trainable parameters into optimiser groups.
 
@@ -28,20 +36,27 @@ def param_groups(
     rate) and its ``weight_decay``.  Only tensors with two or more non-singleton
     dimensions are decayed — the matrices, including emb and head; never
     LayerNorms or the ``time_*`` vectors (whose (1, 1, C) shape is one
-    non-singleton dimension).  With ``layerwise_lr`` (RWKV-LM v4neo's default)
-    ``time_decay`` learns at 2x and ``time_first`` at 3x the base rate.
+    non-singleton dimension).  ``decay_weights_only`` (RWKV-7, spec 8.2)
+    further restricts decay to tensors named ``.weight`` (the projections, emb
+    and head), leaving the LoRA factors w1/w2, a1/a2, ... and ``r_k`` undecayed.
+
+    With ``layerwise_lr`` a parameter whose name ends with a key of
+    ``lr_scales`` learns at that multiple of the base rate: the generation
+    module's ``LR_SCALES`` (RWKV-4 ``time_decay`` 2x and ``time_first`` 3x,
+    the default; RWKV-7 ``att.w0`` 2x).
     """
+    scales = dict(V4_LR_SCALES if lr_scales is None else lr_scales)
     buckets: dict[tuple[float, float], list[nn.Parameter]] = {}
     names: dict[tuple[float, float], list[str]] = {}
     for name, p in named_params:
         if not p.requires_grad:
             continue
         scale = 1.0
-        if layerwise_lr and name.endswith("time_decay"):
-            scale = 2.0
-        elif layerwise_lr and name.endswith("time_first"):
-            scale = 3.0
+        if layerwise_lr:
+            scale = next((s for suffix, s in scales.items() if name.endswith(suffix)), 1.0)
         is_matrix = sum(1 for s in p.shape if s > 1) >= 2
+        if decay_weights_only and ".weight" not in name:
+            is_matrix = False
         wd = weight_decay if (is_matrix and weight_decay > 0) else 0.0
         buckets.setdefault((scale, wd), []).append(p)
         names.setdefault((scale, wd), []).append(name)
@@ -49,6 +64,41 @@ def param_groups(
         {"params": ps, "lr_scale": scale, "weight_decay": wd, "names": names[(scale, wd)]}
         for (scale, wd), ps in sorted(buckets.items())
     ]
+
+
+def model_param_groups(model: nn.Module, weight_decay: float = 0.0, layerwise_lr: bool = True) -> list[dict]:
+    """:func:`param_groups` with the rules of ``model``'s generation.
+
+    ``model`` may be wrapped (peft, state tuning, FSDP); the rules come from
+    the registry module of the RWKV inside (``LR_SCALES``; RWKV-7 decays only
+    ``.weight`` matrices).  A model that is not an RWKV (a baseline) gets
+    RWKV-4's rules, as before generations existed.
+    """
+    from ..models import spec_of
+    from ..models.common import RWKVBase
+
+    base = model
+    for _ in range(8):  # peel StateTuner / peft / DDP wrappers
+        if isinstance(base, RWKVBase):
+            break
+        nxt = getattr(base, "model", None) if isinstance(getattr(base, "model", None), nn.Module) else None
+        if nxt is None and hasattr(base, "get_base_model"):
+            nxt = base.get_base_model()
+        if nxt is None and isinstance(getattr(base, "module", None), nn.Module):
+            nxt = base.module
+        if nxt is None:
+            break
+        base = nxt
+    if not isinstance(base, RWKVBase):
+        return param_groups(model.named_parameters(), weight_decay, layerwise_lr)
+    spec = spec_of(base)
+    return param_groups(
+        model.named_parameters(),
+        weight_decay,
+        layerwise_lr,
+        lr_scales=getattr(spec, "LR_SCALES", V4_LR_SCALES),
+        decay_weights_only=base.generation != "4",
+    )
 
 
 def build_optimizer(
