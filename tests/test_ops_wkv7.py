@@ -70,13 +70,14 @@ def assert_all_close(got, want, names, rel):
         assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
 
 
-def assert_float32_close(got, want64, names, T, factor=3.0):
+def assert_float32_close(got, want64, names, T, factor=1.0):
     """float32 results against the float64 spec.  Rounding errors of a
     length-T recurrence (or of a chunked sum over T terms) accumulate like a
     random walk, ~sqrt(T) roundings of the order of the largest entry, each
     ~6e-8 relative; 1e-6 * sqrt(T) * max|want| is therefore ~16x the expected
-    drift, and `factor` is a further safety margin for the chunked form's
-    different summation order (measured ratios are in NOTES.md)."""
+    drift.  Measured for model-like decays: under 3e-2 of this bound (the
+    chunked form's summation order costs 1.5-4x the loop's own float32 error;
+    NOTES.md).  `factor` widens it where a test explains why."""
     for name, a, b in zip(names, got, want64):
         assert a.dtype == torch.float32, f"{name}: dtype {a.dtype}"
         assert torch.isfinite(a).all(), f"{name}: non-finite values"
@@ -171,8 +172,13 @@ def test_extreme_decays(decay):
     assert_all_close(out_c, out_r, ("y", "state"), 1e-10)
     assert_all_close(grad_c, grad_r, NAMES, 1e-10)
     out_c, grad_c = run_with_grads(chunked(32), [x.float() for x in args])
-    assert_float32_close(out_c, out_r, ("y", "state"), T)
-    assert_float32_close(grad_c, grad_r, NAMES, T)
+    # Beyond the model's decays the in-chunk cumulative log-decay reaches
+    # |g| ~ 300, whose float32 rounding (~2e-5 absolute) becomes the relative
+    # error of every decay factor: measured 50-100x the loop's own float32
+    # error, 1.5e-5 of the largest gradient (NOTES.md).  Hence 10x here.
+    factor = 10.0 if decay == "beyond" else 1.0
+    assert_float32_close(out_c, out_r, ("y", "state"), T, factor)
+    assert_float32_close(grad_c, grad_r, NAMES, T, factor)
 
 
 def test_factorised_bound_chooses_pairwise():

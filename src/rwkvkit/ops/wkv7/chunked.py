@@ -26,7 +26,7 @@ exponents <= 0.
 Autograd differentiates all of it.  Memory kept for the backward, per call:
 about a dozen [B, H, T, N]-sized tensors, the [B, H, T, chunk] score matrices
 and the state entering each chunk, B*H*(T/chunk_size)*N*N floats (for
-N = 64 and chunks of 16, the states alone are 4x the size of the inputs); the
+N = 64 and chunks of 32, the states alone are 2x the size of one input); the
 pairwise path adds several B*H*T*chunk_size*N tensors.
 """
 
