@@ -29,7 +29,7 @@ COMMAND_MODULES = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rwkvkit",
-        description="RWKV-4 language models: inspect, convert, run, train, serve and evaluate.",
+        description="RWKV language models (RWKV-4 and RWKV-7): inspect, convert, run, train, serve and evaluate.",
     )
     parser.add_argument("--version", action="version", version=f"rwkvkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
