@@ -8,9 +8,16 @@
 - :func:`generate` returns the text (a list of texts for a list of prompts);
 - :func:`stream` yields the text piece by piece while it is produced;
 - :func:`complete` returns :class:`Completion` records (text, token ids, why
-  it stopped, and optionally the final :class:`~rwkvkit.state.State`);
+  it stopped, and optionally the final state);
 - :func:`prefill` runs a prompt prefix once and returns its state, to be passed
-  as ``state=`` to many continuations.
+  as ``state=`` to many continuations;
+- :class:`ChatFormat` renders chat turns (``rwkvkit chat``), and
+  :func:`chat_format_for` picks the World/G1 format for World-vocabulary models.
+
+Every generation works the same way: only ``model(tokens, state)``,
+``model.new_state`` / ``model.check_state`` and the state's batch operations
+(:class:`~rwkvkit.state.StateBase`) are used, so an RWKV-4 :class:`~rwkvkit.state.State` and
+an RWKV-5/6/7 :class:`~rwkvkit.state.MatrixState` go through the same code.
 
 A prompt is processed in one parallel call (in chunks of ``chunk_len`` tokens)
 that computes the output head only for its last position; each generated token
@@ -28,17 +35,19 @@ emitted.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Sequence
 
 import torch
 
 from .errors import RwkvkitError
 from .sampling import SamplingConfig, make_generators, penalty_weights, sample, update_penalty_state
-from .state import State, StateBase
-from .tokenizer import Tokenizer, check_vocab, load_tokenizer
+from .state import StateBase
+from .tokenizer import Tokenizer, check_vocab, is_world, load_tokenizer
+
 
 # The model that ships inside the package: a small byte-level RWKV-4 trained on
 # Tiny Shakespeare (docs/shipped-model.md says how).
@@ -105,8 +114,8 @@ class Completion:
     # Number of prompt tokens that were fed.
     prompt_tokens: int
     # The state after the prompt and every generated token (requested with
-    # want_state=True; otherwise None).
-    state: State | None = None
+    # want_state=True; otherwise None); its layout is the model's generation's.
+    state: StateBase | None = None
 
 
 # ------------------------------------------------------------------ helpers
@@ -156,11 +165,11 @@ def _as_id_lists(prompts, tokenizer: Tokenizer | None) -> list[list[int]]:
     return out
 
 
-def _start_states(model, state: "State | None", n: int) -> State:
+def _start_states(model, state: "StateBase | None", n: int) -> StateBase:
     if state is None:
         return model.new_state(n)
     if not isinstance(state, StateBase):
-        raise RwkvkitError(f"state must be an rwkvkit State, got {type(state).__name__}")
+        raise RwkvkitError(f"state must be an rwkvkit state (State or MatrixState), got {type(state).__name__}")
     model.check_state(state)
     state = state.to(model.device)
     if state.batch_size == n:
@@ -171,7 +180,7 @@ def _start_states(model, state: "State | None", n: int) -> State:
 
 
 @torch.no_grad()
-def _prefill(model, ids: list[list[int]], state: State, chunk_len: int) -> tuple[torch.Tensor, State]:
+def _prefill(model, ids: list[list[int]], state: StateBase, chunk_len: int) -> tuple[torch.Tensor, StateBase]:
     """Run every row's prompt from its state; returns last logits [B, V] and states.
 
     Rows are grouped by length so each group is one parallel call per chunk
@@ -181,7 +190,7 @@ def _prefill(model, ids: list[list[int]], state: State, chunk_len: int) -> tuple
     for row, t in enumerate(ids):
         groups.setdefault(len(t), []).append(row)
     logits: list[torch.Tensor | None] = [None] * len(ids)
-    rows_out: list[State | None] = [None] * len(ids)
+    rows_out: list[StateBase | None] = [None] * len(ids)
     for length, rows in groups.items():
         toks = torch.tensor([ids[r] for r in rows], dtype=torch.long, device=model.device)  # [b, T]
         st = state.select(rows)
@@ -248,7 +257,7 @@ class _Run:
         counts = torch.zeros(n, V, device=model.device) if penalties else None
         seen = torch.zeros(n, V, dtype=torch.bool, device=model.device) if penalties else None
 
-        def finish(row: int, reason: str, final_state: State | None) -> Iterator[tuple[int, str]]:
+        def finish(row: int, reason: str, final_state: StateBase | None) -> Iterator[tuple[int, str]]:
             tail = ""
             if decoders[row] is not None and reason != "stop":
                 piece, hit = matchers[row].feed(decoders[row].flush())
@@ -327,14 +336,14 @@ def complete(
     tokenizer,
     prompts: "str | Sequence[str] | Sequence[Sequence[int]]",
     *,
-    state: State | None = None,
+    state: StateBase | None = None,
     want_state: bool = False,
     **options,
 ) -> list[Completion]:
     """Generate for one prompt or a batch; returns one :class:`Completion` per prompt.
 
     ``prompts``: a string, a list of strings, or token-id lists (then
-    ``tokenizer`` may be None: no text, no stop strings).  ``state``: a State
+    ``tokenizer`` may be None: no text, no stop strings).  ``state``: a state
     to continue from, batch 1 (shared by every prompt) or one row per prompt.
     ``options``: the fields of :class:`GenerationConfig` (max_tokens,
     temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty,
@@ -349,7 +358,7 @@ def complete(
     return run.results  # type: ignore[return-value]
 
 
-def generate(model, tokenizer, prompt: "str | Sequence[str]", *, state: State | None = None, **options) -> "str | list[str]":
+def generate(model, tokenizer, prompt: "str | Sequence[str]", *, state: StateBase | None = None, **options) -> "str | list[str]":
     """The generated text for ``prompt`` (a list of texts for a list of prompts).
 
     Options as in :func:`complete`; ``temperature=0`` is greedy decoding.
@@ -379,7 +388,7 @@ class TextStream:
         raise StopIteration
 
 
-def stream(model, tokenizer, prompt: str, *, state: State | None = None, want_state: bool = False, **options) -> TextStream:
+def stream(model, tokenizer, prompt: str, *, state: StateBase | None = None, want_state: bool = False, **options) -> TextStream:
     """Yield the generated text of one prompt piece by piece (options as in
     :func:`complete`); ``.result`` has the Completion once it is exhausted."""
     if not isinstance(prompt, str) and not (len(prompt) and isinstance(prompt[0], int)):
@@ -389,11 +398,11 @@ def stream(model, tokenizer, prompt: str, *, state: State | None = None, want_st
 
 
 @torch.no_grad()
-def prefill(model, tokenizer, text: "str | Sequence[int]", state: State | None = None, chunk_len: int = 1024) -> State:
+def prefill(model, tokenizer, text: "str | Sequence[int]", state: StateBase | None = None, chunk_len: int = 1024) -> StateBase:
     """The state after reading ``text`` (from ``state``, or an empty context).
 
     Compute a long shared prefix once and pass the result as ``state=`` to many
-    continuations; the State is never modified by them.
+    continuations; the state is never modified by them.
     """
     tok = _resolve_tokenizer(model, tokenizer)
     ids = _as_id_lists([text], tok)[0]
@@ -402,6 +411,86 @@ def prefill(model, tokenizer, text: "str | Sequence[int]", state: State | None =
     for s in range(0, len(ids), chunk_len):
         _, st = model(toks[:, s : s + chunk_len], st, logits="none")
     return st
+
+
+# -------------------------------------------------------------- chat format
+_BLANK_LINES = re.compile(r"\n{2,}")
+
+
+@dataclass
+class ChatFormat:
+    """How ``rwkvkit chat`` turns a conversation into text.
+
+    ``style="world"``: the format of the RWKV World and G1 models (rwkv5-7
+    spec 9)::
+
+        System: {system}\n\nUser: {message}\n\nAssistant:{" <think" for G1 think}
+
+    Message and system text is stripped, and runs of two or more newlines in it
+    become one, because "\n\n" ends a turn; the reply ends at "\n\n".
+
+    ``style="plain"``: rwkvkit's format for other models (the shipped Tiny
+    Shakespeare model, Pile models): ``{user}: {message}\n\n{bot}:`` with the
+    message as typed, and the system text read as it is, without a name.
+    """
+
+    user: str = "User"
+    bot: str = "Assistant"
+    style: str = "world"
+    # G1 "think" models: open a reasoning block after the assistant's name.
+    think: bool = False
+    system_name: str = "System"
+
+    STYLES: ClassVar[tuple[str, ...]] = ("world", "plain")
+    # Generation stops (without printing it) at the end of the reply.
+    stop: ClassVar[tuple[str, ...]] = ("\n\n",)
+
+    def __post_init__(self) -> None:
+        if self.style not in self.STYLES:
+            raise RwkvkitError(f"chat format must be one of {', '.join(self.STYLES)}, got {self.style!r}")
+        if not self.user.strip() or not self.bot.strip():
+            raise RwkvkitError("the user's and the bot's names must be non-empty")
+
+    def clean(self, text: str) -> str:
+        """Message text as the format wants it (World: stripped, blank lines collapsed)."""
+        if self.style == "plain":
+            return text
+        return _BLANK_LINES.sub("\n", text.replace("\r\n", "\n").strip())
+
+    def cue(self) -> str:
+        """What precedes the model's reply: ``"Assistant:"`` (+ ``" <think"``)."""
+        return f"{self.bot}:" + (" <think" if self.think else "")
+
+    def system_text(self, text: str) -> str:
+        """The text read once before the conversation."""
+        if self.style == "plain":
+            return text
+        return f"{self.system_name}: {self.clean(text)}\n\n"
+
+    def turn(self, message: str) -> str:
+        """One user turn followed by the cue for the model's reply."""
+        return f"{self.user}: {self.clean(message)}\n\n{self.cue()}"
+
+    def prompt(self, messages: "Sequence[tuple[str, str]]", system: str | None = None) -> str:
+        """A whole conversation as one prompt: ``messages`` are (role, text)
+        with role "user" or "assistant"; ends with the cue for the next reply."""
+        out = [self.system_text(system)] if system else []
+        for role, text in messages:
+            if role == "user":
+                out.append(f"{self.user}: {self.clean(text)}\n\n")
+            elif role == "assistant":
+                out.append(f"{self.bot}: {self.clean(text)}\n\n")
+            else:
+                raise RwkvkitError(f"chat role must be 'user' or 'assistant', got {role!r}")
+        out.append(self.cue())
+        return "".join(out)
+
+
+def chat_format_for(model, tokenizer=None, **fields_) -> ChatFormat:
+    """The default chat format of ``model``: "world" for World-vocabulary models
+    (a vocabulary of 65536, or the World tokenizer), "plain" otherwise."""
+    world = model.config.vocab_size == 65536 or is_world(tokenizer)
+    return ChatFormat(style="world" if world else "plain", **fields_)
 
 
 def load_shipped_model(dtype: "str | torch.dtype" = "float32", device=None):
@@ -416,6 +505,8 @@ def load_shipped_model(dtype: "str | torch.dtype" = "float32", device=None):
 __all__ = [
     "GenerationConfig",
     "Completion",
+    "ChatFormat",
+    "chat_format_for",
     "TextStream",
     "generate",
     "complete",

@@ -13,8 +13,10 @@ line through this module, which registers first and then hands over::
 ``--model_args``: ``path`` (any checkpoint :func:`rwkvkit.load` reads),
 ``tokenizer`` (bytes, world, 20B or a file; default: the model's),
 ``dtype``, ``device``, ``prefix_token`` (the id read before a text that has no
-context; default: the tokenizer's end-of-text, or its newline for tokenizers
-without one, such as bytes).
+context; default: the tokenizer's end-of-text, which is 0 for the World
+vocabulary as in the RWKV-7 authors' scripts, or its newline for tokenizers
+without one, such as bytes).  Any generation rwkvkit loads runs (RWKV-4,
+RWKV-7).
 
 How requests are scored:
 
@@ -54,7 +56,8 @@ DEFAULT_MAX_GEN_TOKS = 256
 
 @register_model("rwkvkit")
 class RwkvkitLM(TemplateLM):
-    """An rwkvkit RWKV-4 model as an lm_eval ``LM``."""
+    """An rwkvkit model of any generation (RWKV-4, RWKV-7) as an lm_eval ``LM``;
+    only the generic model protocol (``model(tokens, state)``) is used."""
 
     def __init__(
         self,
@@ -120,7 +123,7 @@ class RwkvkitLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         cfg = self.model.config
-        return {"model_path": self._path, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size, "parameters": self.model.num_parameters()}
+        return {"model_path": self._path, "generation": cfg.generation, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size, "parameters": self.model.num_parameters()}
 
     # -------------------------------------------------------------- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:

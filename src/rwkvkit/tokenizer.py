@@ -39,8 +39,12 @@ TWENTY_B_FILE = "20B_tokenizer.json"
 TWENTY_B_HUB_REPO = "RWKV/rwkv-4-169m-pile"
 # Names a model folder may carry its tokenizer under, in order of preference.
 FOLDER_TOKENIZER_FILES = ("tokenizer.json", TWENTY_B_FILE, WORLD_VOCAB)
-# Vocabulary sizes of the published model families -> tokenizer name.
-KNOWN_VOCAB_SIZES = {256: "bytes", 50277: "20B", 65536: "world"}
+# Vocabulary sizes of the published model families -> tokenizer name: bytes
+# (rwkv.cpp's tiny models, the shipped model), the 20B tokenizer of the RWKV-4
+# Pile models (50277) and of the RWKV-7 Pile models (padded to 50304,
+# rwkv5-7 spec 9), and the World vocabulary of every RWKV-5/6/7 World and G1
+# model (65536 rows for 65530 ids).
+KNOWN_VOCAB_SIZES = {256: "bytes", 50277: "20B", 50304: "20B", 65536: "world"}
 # A model may have a few more output rows than its tokenizer has ids (World
 # models: 65536 rows, 65530 ids); more than this many is a wrong pairing.
 MAX_UNUSED_ROWS = 1024
@@ -539,7 +543,7 @@ def load_tokenizer(
 def tokenizer_for_model(model, model_path=None, name=None, *, download: bool = False) -> Tokenizer:
     """The tokenizer to use with ``model``: ``name`` if given, else a file in
     the model's folder, else the family its vocabulary size identifies
-    (256 -> bytes, 50277 -> 20B, 65536 -> world).  The pairing is checked with
+    (256 -> bytes, 50277 or 50304 -> 20B, 65536 -> world).  The pairing is checked with
     :func:`check_vocab`."""
     if name is not None:
         tok = load_tokenizer(name, model_path=model_path, download=download)
@@ -561,6 +565,13 @@ def tokenizer_for_model(model, model_path=None, name=None, *, download: bool = F
             tok = load_tokenizer(KNOWN_VOCAB_SIZES[V], model_path=model_path, download=download)
     check_vocab(tok, model.config.vocab_size)
     return tok
+
+
+def is_world(tokenizer: "Tokenizer | None") -> bool:
+    """Whether ``tokenizer`` is the RWKV World vocabulary (id 0 = end-of-text),
+    the tokenizer of the World/G1 models whose chat format and LAMBADA prefix
+    differ from the Pile models' (rwkv5-7 spec 9)."""
+    return isinstance(tokenizer, WorldTokenizer)
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab: int) -> None:
@@ -586,6 +597,7 @@ __all__ = [
     "load_tokenizer",
     "tokenizer_for_model",
     "check_vocab",
+    "is_world",
     "parse_world_vocab",
     "find_world_vocab",
     "find_20b",

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a model. --task ppl: perplexity and bits per byte of a text file or a token "
         "file from `rwkvkit prepare`, read in windows with the RNN state carried (constant memory, any length). "
         "--task lambada: last-word accuracy and target perplexity with the protocol of the RWKV papers' script "
-        "(context after a newline padding token; the target is a space and the last word). For the "
+        "(context after a prefix token: 0 for World-vocabulary models as in the RWKV-7 script, else the newline; the target is a space and the last word). For the "
         "lm-evaluation-harness tasks use `lm_eval --model rwkvkit` (pip install \"rwkvkit[eval]\").",
         epilog="examples: rwkvkit eval -m model.pth --task ppl --data book.txt --json out.json\n"
         "          rwkvkit eval -m RWKV-4-Pile-169M.pth --task lambada --data lambada_test.jsonl --tokenizer 20B",
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bos", type=int, default=None, metavar="ID", help="ppl: feed this start token first so the file's first token is scored too (default: score from the second token)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="ppl: the first N tokens only; lambada: the first N passages only")
     p.add_argument("--batch-size", type=int, default=16, metavar="B", help="lambada: passages per model call (default 16)")
-    p.add_argument("--pad-token", type=int, default=None, metavar="ID", help="lambada: the token read before each context (default: the tokenizer's newline, 187 for 20B)")
+    p.add_argument("--pad-token", type=int, default=None, metavar="ID", help="lambada: the token read before each context (default: 0, end-of-text, for the World vocabulary as in the RWKV-7 script; else the tokenizer's newline, 187 for 20B)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the result as JSON to FILE ('-' for stdout instead of the summary line)")
     p.add_argument("--per-sample", action="store_true", help="lambada: include every passage's log-probability and correctness in the JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

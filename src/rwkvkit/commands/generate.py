@@ -33,7 +33,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="bytes, world, 20B, or a tokenizer file (.json for `tokenizers`, .txt World vocabulary); "
         "default: a tokenizer file in the model's folder, else the one its vocabulary size implies "
-        "(256 bytes, 50277 20B, 65536 world)",
+        "(256 bytes, 50277/50304 20B, 65536 world)",
     )
     g.add_argument(
         "--download-tokenizer",
@@ -80,7 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "chat",
         help="chat with a model in the terminal (the state is kept between turns)",
         description="A terminal chat. Each turn is sent as '<user>: <message>' followed by a blank line and "
-        "'<bot>:'; the reply ends at a blank line. The model's state is kept between turns, so the whole "
+        "'<bot>:'; the reply ends at a blank line. World-vocabulary models (RWKV-5/6/7 World and G1, vocabulary "
+        "65536) get their own format by default: 'System: ...' before the conversation, messages stripped with "
+        "blank lines collapsed; other models read --system as it is. The model's state is kept between turns, so the whole "
         "conversation is remembered without being re-read. Commands: /reset, /save FILE, /load FILE, /help, /quit. "
         "Works with piped stdin (one message or command per line).",
         epilog="example: rwkvkit chat --user ROMEO --bot JULIET --temperature 0.8",
@@ -89,7 +91,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("conversation")
     g.add_argument("--user", default="User", help="the user's name in the transcript (default User)")
     g.add_argument("--bot", default="Assistant", help="the model's name in the transcript (default Assistant)")
-    g.add_argument("--system", default=None, metavar="TEXT", help="text read once before the conversation (kept by /reset)")
+    g.add_argument("--system", default=None, metavar="TEXT", help="text read once before the conversation (kept by /reset); as 'System: TEXT' in the world format")
+    g.add_argument(
+        "--chat-format",
+        default="auto",
+        choices=["auto", "world", "plain"],
+        help="world: the RWKV World/G1 format (spec: 'User: ...\\n\\nAssistant:', 'System: ...', blank lines in messages collapsed); "
+        "plain: '<user>: <message>\\n\\n<bot>:' as typed, --system read as it is; auto (default): world for models "
+        "with the World vocabulary (65536), plain otherwise",
+    )
+    g.add_argument("--think", action="store_true", help="G1 reasoning models: open a ' <think' block after the bot's name")
     _add_sampling_flags(p, max_tokens=300)
     p.set_defaults(func=run_chat)
 
@@ -143,9 +154,11 @@ def _options(args, stop=()) -> dict:
 
 
 def _load_state(path, model):
-    from ..state import State
+    """A saved state of any generation, checked against ``model`` (one clear
+    line for a state of another generation or shape)."""
+    from ..state import StateBase
 
-    st = State.load(path)
+    st = StateBase.load(path)
     model.check_state(st)
     if st.batch_size != 1:
         raise RwkvkitError(f"state file '{path}' holds {st.batch_size} sequences, expected 1")
@@ -194,16 +207,20 @@ CHAT_HELP = """commands:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from ..generate import GenerationConfig, prefill, stream
+    from ..generate import ChatFormat, GenerationConfig, chat_format_for, prefill, stream
 
     user, bot = args.user.strip(), args.bot.strip()
     if not user or not bot:
         raise RwkvkitError("--user and --bot must be non-empty names")
-    opts = _options(args, stop=("\n\n",))
+    opts = _options(args, stop=ChatFormat.stop)
     GenerationConfig.from_kwargs(**opts).validate()
     model, tok = _load(args)
+    if args.chat_format == "auto":
+        fmt = chat_format_for(model, tok, user=user, bot=bot, think=args.think)
+    else:
+        fmt = ChatFormat(user=user, bot=bot, style=args.chat_format, think=args.think)
     interactive = sys.stdin.isatty()
-    base = prefill(model, tok, args.system) if args.system else None
+    base = prefill(model, tok, fmt.system_text(args.system)) if args.system and args.system.strip() else None
     state = base
     needs_break = False  # the last reply did not end with the blank line
     if interactive:
@@ -248,11 +265,11 @@ def run_chat(args: argparse.Namespace) -> int:
             else:
                 print(f"(unknown command {cmd}; /help lists them)")
             continue
-        text = ("\n\n" if needs_break else "") + f"{user}: {msg}\n\n{bot}:"
+        text = ("\n\n" if needs_break else "") + fmt.turn(msg)
         opts["seed"] = None if args.seed is None else args.seed + turn
         turn += 1
         pieces = stream(model, tok, text, state=state, want_state=True, **opts)
-        _write(f"{bot}:")
+        _write(fmt.cue())
         for piece in pieces:
             _write(piece)
         _write("\n")

@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level (default info)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-batch", type=int, default=64, metavar="N", help="sequences decoded together at most (default 64)")
+    g.add_argument("--max-state-mb", type=float, default=None, metavar="MB", help="bound the running batch by its recurrent state memory in MiB: at most MB / (one sequence's state) sequences (an RWKV-7 0.1B state is 2.3 MiB, an RWKV-4 169M one 0.18 MiB; default: no bound)")
     g.add_argument("--max-queue", type=int, default=256, metavar="N", help="requests that may wait for a slot; more get HTTP 429 (default 256)")
     g.add_argument("--max-prompt-tokens", type=int, default=8192, metavar="N", help="longest prompt accepted (default 8192)")
     g.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N", help="largest max_tokens a request may ask for (default 4096)")
@@ -76,6 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
         cache_bytes=int(args.cache_mb * 2**20),
+        max_state_bytes=None if args.max_state_mb is None else int(args.max_state_mb * 2**20),
     )
     config.validate()
     if args.threads is not None:

@@ -1,9 +1,12 @@
-"""LAMBADA, scored the way the RWKV papers' own script does (spec section 12).
+"""LAMBADA, scored the way the RWKV authors' own scripts do.
 
 Each passage is split at its last space: the context is what comes before,
-the target is a space and the last word.  The model reads a padding token
-(the tokenizer's newline, id 187 for the 20B tokenizer), the context and the
-target; the target's log-probability is the sum over its tokens, and a
+the target is a space and the last word.  The model reads a prefix token, the
+context and the target.  The prefix is the one the model family's own script
+uses: the end-of-text token 0 for World-vocabulary models (RWKV-7's LAMBADA
+script reads ``[0] + encode(context)``, rwkv5-7 spec 9), the tokenizer's
+newline otherwise (id 187 for the 20B tokenizer of the RWKV-4 Pile models,
+rwkv4 spec 12).  The target's log-probability is the sum over its tokens, and a
 passage is correct when every target token is the arg-max.  Reported:
 ``ppl = exp(-mean target log-probability)`` (per target *word*) and accuracy.
 Passages are scored in batches (:func:`~rwkvkit.eval.scoring.score_continuations`).
@@ -90,9 +93,18 @@ def split_passage(text: str, where: str = "passage") -> tuple[str, str]:
     return ctx, " " + tgt
 
 
+# The prefix of the RWKV-7 LAMBADA script for World-vocabulary models: end-of-text.
+WORLD_PREFIX = 0
+
+
 def default_pad_id(tokenizer) -> int:
-    """The newline token, the padding the RWKV script puts before every
-    context (187 for the 20B tokenizer)."""
+    """The token read before every context: 0 (end-of-text) for the World
+    vocabulary, as the RWKV-7 authors' script does; else the newline token,
+    as the RWKV-4 papers' script does (187 for the 20B tokenizer)."""
+    from ..tokenizer import is_world
+
+    if is_world(tokenizer):
+        return WORLD_PREFIX
     ids = tokenizer.encode("\n")
     if len(ids) != 1:
         raise RwkvkitError(f"tokenizer '{tokenizer.name}' has no single newline token; pass --pad-token ID")

@@ -1,13 +1,13 @@
 """Prefix state cache: the state after a token prefix, reused by later prompts.
 
-An RWKV state is a few vectors per layer whatever the context length, so the
-state after a system prompt or an earlier turn of a conversation is cheap to
-keep.  A prompt that starts with a cached prefix is prefilled from that state
+An RWKV state has a fixed size whatever the context length (a few vectors per
+layer for RWKV-4, plus a matrix per head for RWKV-5/6/7), so the state after a
+system prompt or an earlier turn of a conversation can be kept.  A prompt that starts with a cached prefix is prefilled from that state
 and only its remaining tokens go through the model.
 
 Entries are keyed by their token ids; lookup finds the longest cached prefix
-of a prompt.  Memory is bounded in bytes (state tensors plus, where kept, the
-last position's logits) with least-recently-used eviction.
+of a prompt.  Memory is bounded in bytes (``state.nbytes`` of any generation's state, plus,
+where kept, the last position's logits) with least-recently-used eviction.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..state import State
+from ..state import StateBase
 
 # Polynomial hash of token prefixes, modulo a Mersenne prime: every prefix's
 # hash comes from one pass over the prompt, so looking up all cached lengths
@@ -43,7 +43,7 @@ def prefix_hashes(ids: Sequence[int]) -> list[int]:
 class CacheEntry:
     ids: tuple[int, ...]
     # Batch-1 state after ids.
-    state: State
+    state: StateBase
     # Logits [V] after the last id (None for a mid-prompt snapshot, which can
     # only serve prompts longer than it).
     logits: torch.Tensor | None
@@ -93,7 +93,7 @@ class PrefixCache:
                 return length, entry
             return 0, None
 
-    def put(self, ids: Sequence[int], state: State, logits: torch.Tensor | None) -> None:
+    def put(self, ids: Sequence[int], state: StateBase, logits: torch.Tensor | None) -> None:
         """Keep a copy of ``state`` (batch 1) and ``logits`` [V] for ``ids``."""
         if self.max_bytes <= 0 or not ids:
             return

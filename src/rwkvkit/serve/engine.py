@@ -11,8 +11,11 @@ One thread owns the model.  Each iteration it
    a single batched RNN step (``model(tokens [B, 1], state)``).
 
 Sequences join the batch as they are admitted and leave it as they finish
-(``State.concat`` / ``State.select``), so a short request never waits for a
-long one.  On the CPU the fused decoder computes each batch row with the same
+(``StateBase.concat`` / ``select``, the same for every generation's state), so
+a short request never waits for a long one.  The batch is bounded by
+``max_batch`` and by ``max_state_bytes``: an RWKV-7 state is 10-100x an RWKV-4
+one (2.4 MB per sequence at 0.1B, 13x the 0.18 MB of the same-shape RWKV-4), so memory, not a count, is the
+natural limit.  On the CPU the fused decoder computes each batch row with the same
 instructions in the same order whatever the batch, so a request's tokens are
 bit-for-bit those it gets alone; on other devices matrix products may round
 differently with the batch size (greedy outputs can then differ only where two
@@ -37,7 +40,7 @@ import torch
 from ..errors import RwkvkitError
 from ..sampling import SamplingConfig, make_generators, sample, update_penalty_state
 from ..generate import _StopMatcher  # the same hold-back rule as rwkvkit generate
-from ..state import State
+from ..state import StateBase
 from .cache import PrefixCache
 
 _log = logging.getLogger("rwkvkit.serve")
@@ -57,6 +60,9 @@ class EngineConfig:
 
     # Sequences decoded together at most (a request with n choices takes n).
     max_batch: int = 64
+    # Bytes of recurrent state the running batch may hold (None: no bound).
+    # The batch is at most max_state_bytes // (one sequence's state bytes).
+    max_state_bytes: int | None = None
     # Requests that may wait for a slot; more get QueueFull (HTTP 429).
     max_queue: int = 256
     # Longest prompt accepted, in tokens.
@@ -78,6 +84,14 @@ class EngineConfig:
                 raise RwkvkitError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.max_queue < 0 or self.cache_bytes < 0:
             raise RwkvkitError("max_queue and cache_bytes must be >= 0")
+        if self.max_state_bytes is not None and (not isinstance(self.max_state_bytes, int) or self.max_state_bytes < 1):
+            raise RwkvkitError(f"max_state_bytes must be a positive integer (or None), got {self.max_state_bytes!r}")
+
+    def batch_limit(self, state_bytes_per_sequence: int) -> int:
+        """The most sequences decoded together: min(max_batch, max_state_bytes // per-sequence bytes)."""
+        if self.max_state_bytes is None:
+            return self.max_batch
+        return min(self.max_batch, self.max_state_bytes // max(1, state_bytes_per_sequence))
 
 
 @dataclass
@@ -183,12 +197,21 @@ class Engine:
         self.device = model.device
         # Output rows past the tokenizer's ids are padding: never produce them.
         self.padding_ids = tuple(range(tokenizer.vocab_size, self.vocab)) if tokenizer.vocab_size < self.vocab else ()
+        # fp32 state bytes of one sequence (any generation: from its own state type).
+        self.state_bytes_per_sequence = int(model.new_state(1).nbytes)
+        # The effective batch bound: max_batch, or fewer when state memory is bounded.
+        self.max_batch = self.config.batch_limit(self.state_bytes_per_sequence)
+        if self.max_batch < 1:
+            raise RwkvkitError(
+                f"max_state_bytes {self.config.max_state_bytes} is less than one sequence's state "
+                f"({self.state_bytes_per_sequence} bytes, {self.state_bytes_per_sequence / 2**20:.2f} MiB, for this model)"
+            )
         self.cache = PrefixCache(self.config.cache_bytes)
         self.metrics = _Metrics()
         self._cv = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._rows: list[_Seq] = []
-        self._state: State | None = None
+        self._state: StateBase | None = None
         self._logits: torch.Tensor | None = None  # [B, V], row i for self._rows[i]
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -224,8 +247,8 @@ class Engine:
             raise RwkvkitError(f"the prompt has {len(req.ids)} tokens; this server accepts at most {cfg.max_prompt_tokens}")
         if not 1 <= req.max_tokens <= cfg.max_tokens_limit:
             raise RwkvkitError(f"max_tokens must be between 1 and {cfg.max_tokens_limit}, got {req.max_tokens}")
-        if not 1 <= req.n <= cfg.max_batch:
-            raise RwkvkitError(f"n must be between 1 and {cfg.max_batch}, got {req.n}")
+        if not 1 <= req.n <= self.max_batch:
+            raise RwkvkitError(f"n must be between 1 and {self.max_batch}, got {req.n}")
         bad = [t for t in req.ids if not 0 <= t < self.vocab]
         if bad:
             raise RwkvkitError(f"token id {bad[0]} is outside the model's vocabulary 0..{self.vocab - 1}")
@@ -233,7 +256,7 @@ class Engine:
         with self._cv:
             if not self.running:
                 raise EngineStopped("the generation engine is not running" + (f": {self.error}" if self.error else ""))
-            if len(self._waiting) >= cfg.max_queue and (self._waiting or len(self._rows) + req.n > cfg.max_batch):
+            if len(self._waiting) >= cfg.max_queue and (self._waiting or len(self._rows) + req.n > self.max_batch):
                 with self.metrics.lock:
                     self.metrics.rejected += 1
                 raise QueueFull(
@@ -271,8 +294,12 @@ class Engine:
         with self._cv:
             out["running_sequences"] = len(self._rows)
             out["waiting_requests"] = len(self._waiting)
-        out["max_batch"] = self.config.max_batch
-        out["batch_occupancy"] = out["recent_batch_size"] / self.config.max_batch
+        out["max_batch"] = self.max_batch
+        out["max_batch_configured"] = self.config.max_batch
+        out["batch_occupancy"] = out["recent_batch_size"] / self.max_batch
+        out["state_bytes_per_sequence"] = self.state_bytes_per_sequence
+        out["max_state_bytes"] = self.config.max_state_bytes
+        out["state_bytes_running"] = out["running_sequences"] * self.state_bytes_per_sequence
         out["prefix_cache"] = self.cache.stats()
         return out
 
@@ -351,7 +378,7 @@ class Engine:
         admitted = 0
         while True:
             with self._cv:
-                if not self._waiting or len(self._rows) + self._waiting[0].n > self.config.max_batch:
+                if not self._waiting or len(self._rows) + self._waiting[0].n > self.max_batch:
                     return
                 if admitted and budget <= 0:
                     return
@@ -369,7 +396,7 @@ class Engine:
             budget -= spent
             admitted += 1
 
-    def _prefill(self, req: GenRequest) -> tuple[torch.Tensor, State, int]:
+    def _prefill(self, req: GenRequest) -> tuple[torch.Tensor, StateBase, int]:
         """(last logits [1, V], state [batch 1], tokens that went through the model)."""
         model, ids = self.model, req.ids
         hit, entry = self.cache.lookup(ids)
@@ -406,7 +433,7 @@ class Engine:
         if self._state is None:
             self._state, self._logits = state_n, logits_n.contiguous()
         else:
-            self._state = State.concat([self._state, state_n])
+            self._state = StateBase.concat([self._state, state_n])
             self._logits = torch.cat([self._logits, logits_n])
         return spent
 
