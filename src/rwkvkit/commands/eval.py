@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
 
-    from ..eval.bench import SHAPES
+    from ..eval.bench import GENERATIONS, SHAPES
 
     p = sub.add_parser(
         "bench",
@@ -50,10 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "memory (each model runs in its own process); also time prompts of growing length. Prints a table "
         "(per-token times are medians over windows of tokens), writes bench.json and draws the cumulative-time, "
         "per-token-time, memory and prompt plots as PNGs (needs matplotlib).",
-        epilog="example: rwkvkit bench --shape 169m --tokens 4096 --out bench-169m",
+        epilog="examples: rwkvkit bench --shape 169m --tokens 4096 --out bench-169m\n"
+        "          rwkvkit bench --generation 7 --shape 0.1b --tokens 1024 --out bench-v7",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = p.add_argument_group("models")
-    g.add_argument("--shape", default="169m", choices=sorted(SHAPES), help="RWKV-4 Pile shape with random weights (default 169m: 12 layers, 768 wide, 50277 ids)")
+    g.add_argument("--generation", default="4", choices=sorted(GENERATIONS), help="RWKV generation of the random model: 4 or 7 (default 4; a --model file says its own)")
+    g.add_argument("--shape", default=None, choices=sorted(SHAPES), help="shape with random weights: RWKV-4 Pile (169m ... 7b), RWKV-7 World (0.1b ... 2.9b, vocab 65536) or tiny "
+                   "(default: 169m for --generation 4, 12 layers, 768 wide, 50277 ids; 0.1b for 7, 12 x 768, 65536 ids)")
     g.add_argument("--model", "-m", metavar="PATH", default=None, help="benchmark this checkpoint instead (fp32); the GPT-2 takes its shape")
     g.add_argument("--layers", type=int, default=None, help="override the shape's depth")
     g.add_argument("--width", type=int, default=None, help="override the shape's width (a multiple of 64 for GPT-2's heads)")
@@ -135,6 +139,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise RwkvkitError(f"--prompt-lengths must be comma-separated integers, got {args.prompt_lengths!r}") from None
     opts = BenchOptions(
         shape=args.shape,
+        generation=args.generation,
         model=args.model,
         layers=args.layers,
         width=args.width,

@@ -3,8 +3,10 @@
 RWKV generates with a constant-size state, so every token costs the same
 time and memory; a Transformer with a KV cache attends over everything so far,
 so its time per token and its cache grow with the length (paper section 7,
-figure 7).  This module times both on the same shape: an RWKV-4 model and
-transformers' GPT-2 with the same depth, width and vocabulary, random weights,
+figure 7).  This module times both on the same shape: an RWKV model (RWKV-4,
+or RWKV-7 with ``generation="7"``, built through :func:`rwkvkit.models.build`
+and :func:`rwkvkit.init.random_state_dict`) and transformers' GPT-2 with the
+same depth, width and vocabulary, random weights,
 float32, greedy decoding from a one-token prompt, one forward call per token.
 It records the time of every token, the process's resident memory after each
 token, RWKV's state size and GPT-2's KV-cache size, and the time and peak
@@ -26,8 +28,9 @@ from pathlib import Path
 
 from ..errors import RwkvkitError
 
-# name -> (layers, width, vocabulary): the RWKV-4 Pile models (spec 9.1), and a
-# toy shape for trying the command quickly.
+# name -> (layers, width, vocabulary): the RWKV-4 Pile models (rwkv4 spec 9.1),
+# the RWKV-7 World models (rwkv5-7 spec 10), and a toy shape for trying the
+# command quickly.  Any shape runs with either generation.
 SHAPES = {
     "tiny": (2, 64, 1000),
     "169m": (12, 768, 50277),
@@ -35,13 +38,24 @@ SHAPES = {
     "1b5": (24, 2048, 50277),
     "3b": (32, 2560, 50277),
     "7b": (32, 4096, 50277),
+    "0.1b": (12, 768, 65536),
+    "0.4b": (24, 1024, 65536),
+    "1.5b": (24, 2048, 65536),
+    "2.9b": (32, 2560, 65536),
 }
+# Generations the bench builds with random weights, and each one's default shape.
+GENERATIONS = {"4": "169m", "7": "0.1b"}
+# RWKV-7 head size (every released model's).
+V7_HEAD_SIZE = 64
 WARMUP_TOKENS = 8
 
 
 @dataclass
 class BenchOptions:
-    shape: str = "169m"
+    # None: the generation's default shape (169m for RWKV-4, 0.1b for RWKV-7).
+    shape: str | None = None
+    # RWKV generation of the random model ("4" or "7"; ignored with ``model``).
+    generation: str = "4"
     model: str | None = None  # a checkpoint instead of random weights
     layers: int | None = None
     width: int | None = None
@@ -102,16 +116,44 @@ class PeakRSS:
 
 # ------------------------------------------------------------------ models
 def resolve_shape(opts: BenchOptions) -> tuple[int, int, int]:
-    if opts.shape not in SHAPES:
-        raise RwkvkitError(f"unknown shape {opts.shape!r}: expected one of {', '.join(sorted(SHAPES))}")
-    L, C, V = SHAPES[opts.shape]
+    gen = str(opts.generation)
+    if gen not in GENERATIONS:
+        raise RwkvkitError(f"unknown generation {opts.generation!r}: the bench builds RWKV-{' or RWKV-'.join(GENERATIONS)}")
+    shape = opts.shape if opts.shape is not None else GENERATIONS[gen]
+    if shape not in SHAPES:
+        raise RwkvkitError(f"unknown shape {shape!r}: expected one of {', '.join(sorted(SHAPES))}")
+    L, C, V = SHAPES[shape]
     L = opts.layers or L
     C = opts.width or C
     V = opts.vocab or V
     for name, v in (("layers", L), ("width", C), ("vocab", V)):
         if v < 1:
             raise RwkvkitError(f"--{name} must be positive, got {v}")
+    if gen == "7" and C % V7_HEAD_SIZE:
+        raise RwkvkitError(f"an RWKV-7 width must be a multiple of its {V7_HEAD_SIZE}-wide heads, got {C}")
     return L, C, V
+
+
+def v7_lora_ranks(n_embd: int) -> dict[str, int]:
+    """The LoRA ranks RWKV-LM's x070 trainer suggests for a width (multiples of
+    32, at least 32): 64/64/32/128 at 768, the released 0.1B model's."""
+    def r(x: float) -> int:
+        return max(32, int(round(x / 32)) * 32)
+
+    c = float(n_embd)
+    return {"d_decay": r(1.8 * c**0.5), "d_aaa": r(1.8 * c**0.5), "d_mv": r(1.3 * c**0.5), "d_gate": r(0.6 * c**0.8)}
+
+
+def bench_config(opts: BenchOptions):
+    """The config of the random RWKV model the options describe."""
+    L, C, V = resolve_shape(opts)
+    if str(opts.generation) == "7":
+        from ..models.rwkv7 import RWKV7Config
+
+        return RWKV7Config(n_layer=L, n_embd=C, vocab_size=V, head_size=V7_HEAD_SIZE, **v7_lora_ranks(C))
+    from ..models.rwkv4 import RWKV4Config
+
+    return RWKV4Config(n_layer=L, n_embd=C, vocab_size=V)
 
 
 def _build_rwkv(opts: BenchOptions):
@@ -123,10 +165,8 @@ def _build_rwkv(opts: BenchOptions):
         return load_user_model(opts.model, dtype="float32")
     from .. import models, runtime
     from ..init import random_state_dict
-    from ..models.rwkv4 import RWKV4Config
 
-    L, C, V = resolve_shape(opts)
-    cfg = RWKV4Config(n_layer=L, n_embd=C, vocab_size=V)
+    cfg = bench_config(opts)
     sd = random_state_dict(cfg, seed=opts.seed)
     with torch.device("meta"):
         model = models.build(cfg)
@@ -248,7 +288,8 @@ def _measure(kind: str, opts: BenchOptions) -> dict:
             prompts.append({"length": n, "seconds": dt, "tokens_per_second": n / dt, "peak_rss_increase": peak.peak - peak.start})
     return {
         "kind": kind,
-        "name": "RWKV-4" if kind == "rwkv" else "GPT-2 (transformers)",
+        "name": f"RWKV-{model.config.generation}" if kind == "rwkv" else "GPT-2 (transformers)",
+        "generation": model.config.generation if kind == "rwkv" else None,
         "parameters": params,
         "layers": L,
         "width": C,
