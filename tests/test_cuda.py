@@ -29,7 +29,7 @@ def fresh_cuda_module(monkeypatch):
     monkeypatch.setattr(wkv_cuda_mod, "_lib", None)
     monkeypatch.setattr(wkv_cuda_mod, "_failed", None)
     monkeypatch.setattr(wkv_cuda_mod, "_warned", False)
-    monkeypatch.setattr(ops, "_impl_cache", {})
+    monkeypatch.setattr(ops._BACKENDS, "cache", {})
     return wkv_cuda_mod
 
 

@@ -299,7 +299,7 @@ def test_cpu_build_failure_warns_once_and_falls_back(monkeypatch):
     # runs the "torch" backend instead.
     real = cpu.get_implementation
     monkeypatch.setattr(cpu, "get_implementation", lambda: real(force_fail=True))
-    monkeypatch.setattr(ops, "_impl_cache", {})
+    monkeypatch.setattr(ops._BACKENDS, "cache", {})
     assert ops.resolve_backend("cpu", torch.device("cpu")) == "torch"
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
     w, u, k, v, _ = make_inputs(1, 6, 4, seed=8)

@@ -22,48 +22,38 @@ from typing import Callable
 
 import torch
 
+from .dispatch import Backends
 from .reference import wkv_closed_form, wkv_reference
 from .types import WKVState, initial_state
 
-BACKENDS = ("auto", "reference", "torch", "cpu", "cuda")
 
-_impl_cache: dict[str, Callable | None] = {}
+def _module_impl(module: str) -> Callable[[], Callable | None]:
+    def load() -> Callable | None:
+        try:
+            mod = importlib.import_module(f"{__name__}.{module}")
+        except ImportError:
+            return None
+        return mod.get_implementation()  # None when unavailable (warns once)
+
+    return load
+
+
+_BACKENDS = Backends(
+    "WKV",
+    {"reference": lambda: wkv_reference, "torch": _module_impl("chunked"), "cpu": _module_impl("cpu"), "cuda": _module_impl("cuda")},
+    prefer={"cuda": ("cuda",), "cpu": ("cpu",)},
+)
+BACKENDS = _BACKENDS.names
 
 
 def _load(name: str) -> Callable | None:
     """The implementation function of a backend, or None if it cannot run here."""
-    if name in _impl_cache:
-        return _impl_cache[name]
-    fn: Callable | None
-    if name == "reference":
-        fn = wkv_reference
-    else:
-        module = {"torch": "chunked", "cpu": "cpu", "cuda": "cuda"}[name]
-        try:
-            mod = importlib.import_module(f"{__name__}.{module}")
-        except ImportError:
-            fn = None
-        else:
-            fn = mod.get_implementation()  # None when unavailable (warns once)
-    _impl_cache[name] = fn
-    return fn
+    return _BACKENDS.load(name)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Which implementation ``backend`` means for tensors on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown WKV backend {backend!r}; expected one of {BACKENDS}")
-    if backend != "auto":
-        if _load(backend) is None:
-            if backend in ("cpu", "cuda") and _load("torch") is not None:
-                return "torch"
-            raise RuntimeError(f"WKV backend {backend!r} is not available on this machine")
-        return backend
-    preferred = "cuda" if device.type == "cuda" else "cpu"
-    for name in (preferred, "torch", "reference"):
-        if _load(name) is not None:
-            return name
-    return "reference"
+    return _BACKENDS.resolve(backend, device)
 
 
 def wkv(

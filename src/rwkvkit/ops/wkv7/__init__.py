@@ -24,24 +24,20 @@ Backends:
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
+from ..dispatch import Backends
 from .chunked import DEFAULT_CHUNK, wkv7_chunked
 from .reference import wkv7_reference
 from .types import check_step_inputs, compute_dtype
 
-BACKENDS = ("auto", "reference", "torch")
+_BACKENDS = Backends("WKV7", {"reference": lambda: wkv7_reference, "torch": lambda: wkv7_chunked})
+BACKENDS = _BACKENDS.names
 
-_IMPLS: dict[str, Callable] = {"reference": wkv7_reference, "torch": wkv7_chunked}
 
-
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     """Which implementation ``backend`` means ("auto" is the chunked form)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown WKV7 backend {backend!r}; expected one of {BACKENDS}")
-    return "torch" if backend == "auto" else backend
+    return _BACKENDS.resolve(backend, device)
 
 
 def wkv7(
@@ -55,7 +51,7 @@ def wkv7(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the RWKV-7 WKV operator over a sequence (see the module docstring)."""
-    return _IMPLS[resolve_backend(backend)](r, logw, k, v, a, b, state)
+    return _BACKENDS.get(backend, r.device)(r, logw, k, v, a, b, state)
 
 
 def wkv7_step(
