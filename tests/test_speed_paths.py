@@ -18,7 +18,7 @@ import torch
 from rwkvkit import infer_cpu
 from rwkvkit.config import ModelConfig
 from rwkvkit.model import RWKV
-from util import make_model
+from util import assert_matmul_close, make_model
 
 CONFIGS = [
     ModelConfig(n_layer=7, n_embd=64, vocab_size=97),
@@ -101,8 +101,7 @@ def test_every_kernel_family(ext, isa):
             q, s = quantize_weight(torch.randn(n, k, generator=g))
             x = torch.randn(m, k, generator=g)
             y = infer_cpu.linear(x, q, s)
-            ref = x.double() @ (q.double() * s.double()[:, None]).t()
-            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+            assert_matmul_close(y, x, q.double() * s.double()[:, None])
     finally:
         ext.set_isa(-1)
 
