@@ -18,6 +18,7 @@ from rwkvkit import ops
 from rwkvkit.models.rwkv4 import RWKV4Config
 from rwkvkit.ops import cuda as wkv_cuda_mod
 from rwkvkit.ops.reference import wkv_reference
+from conftest import IN_CI
 
 from util import make_model
 
@@ -70,7 +71,7 @@ def test_cuda_backend_rejects_cpu_tensors():
         wkv_cuda_mod.wkv_cuda(torch.zeros(3), torch.zeros(3), k, k)
 
 
-@pytest.mark.skipif(wkv_cuda_mod.find_nvcc() is None, reason="no nvcc on this machine")
+@pytest.mark.skipif(wkv_cuda_mod.find_nvcc() is None and not IN_CI, reason="no nvcc on this machine (in CI: a failure)")
 def test_kernel_source_compiles(tmp_path):
     lib = wkv_cuda_mod.build(capability=(8, 0), directory=tmp_path)
     assert lib.exists() and lib.stat().st_size > 0

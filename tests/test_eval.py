@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import shared_file
+from conftest import importorskip, shared_file
 from util import hf_model, make_model, pip_model
 
 from rwkvkit.models.rwkv4 import RWKV4Config
@@ -266,7 +266,7 @@ def _write_tasks(folder, data):
 
 # Runs lm_eval's CLI in a subprocess (imports lm_eval, datasets): ~20 s on an idle 2-core machine.
 def test_lm_eval_cli_with_local_tasks(tmp_path):
-    pytest.importorskip("lm_eval")
+    importorskip("lm_eval")
     model, sd = make_model(LM_CFG, seed=7)
     path = tmp_path / "tiny.pth"
     torch.save(sd, path)
@@ -333,7 +333,7 @@ def test_lm_eval_cli_with_local_tasks(tmp_path):
 def test_lm_eval_adapter_requests_against_rwkv_package(tmp_path):
     """The adapter's three request types in process, on lm_eval's Instance
     objects, against the `rwkv` package."""
-    pytest.importorskip("lm_eval")
+    importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
     from rwkvkit.lm_eval_adapter import RwkvkitLM
@@ -401,7 +401,7 @@ def test_cli_eval_ppl_and_lambada(tmp_path, capsys, ref, shakespeare_slice):
 
 
 def test_cli_bench_tiny(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+    importorskip("matplotlib")
     rc, out, err = _cli(
         ["bench", "--shape", "tiny", "--tokens", "40", "--prompt-lengths", "4,16", "--median-window", "8", "--in-process", "--threads", "1", "--out", str(tmp_path), "--no-progress"],
         capsys,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import IN_CI
+from conftest import skip_or_fail
 from rwkvkit import ops
 from rwkvkit.ops import chunked, cpu
 from rwkvkit.ops.reference import wkv_closed_form, wkv_reference
@@ -22,10 +22,7 @@ def fast_impl(name: str):
         return chunked.wkv_chunked
     fn = cpu.get_implementation()
     if fn is None:
-        msg = "the C++ WKV kernel could not be built here (see the warning)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail("the C++ WKV kernel could not be built here (see the warning)")
     return fn
 
 

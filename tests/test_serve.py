@@ -15,11 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
+from conftest import importorskip
 import torch
 
-pytest.importorskip("fastapi")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+importorskip("fastapi")
+openai = importorskip("openai")
+httpx = importorskip("httpx")
 
 from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.generate import complete  # noqa: E402

@@ -11,8 +11,10 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from conftest import importorskip
+
+importorskip("fastapi")
+importorskip("uvicorn")
 
 import rwkvkit  # noqa: E402
 from rwkvkit.cli import main  # noqa: E402

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from conftest import shared_file
+from conftest import importorskip, shared_file
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.tokenizer import (
     ByteTokenizer,
@@ -250,7 +250,7 @@ def test_download_20b_with_a_stand_in_hub(tmp_path, monkeypatch, ours_20b):
     """--download-tokenizer: the hub's file is copied once into the user cache
     (atomically) and used from there; a failed download is one clean error.
     The network call is replaced by a stand-in (no network in tests)."""
-    pytest.importorskip("huggingface_hub")
+    importorskip("huggingface_hub")
     import huggingface_hub
 
     from rwkvkit import tokenizer as tk

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from conftest import importorskip
 import torch
 
 import rwkvkit
@@ -56,7 +58,7 @@ def test_full_finetune_starts_from_the_checkpoint(setup, tmp_path):
 
 
 def test_lora_trains_adapters_and_merges(setup, tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = importorskip("peft")
     out = tmp_path / "lora"
     s = train(_cfg(setup, out, tune="lora", lora_r=4, merge_lora=True, max_steps=8))
     losses = _losses(out)

@@ -67,3 +67,18 @@ def pip_model(sd: dict, tmp: Path, strategy: str = "cpu fp32", name: str = "m.pt
     path = tmp / name
     torch.save(sd, path)
     return PipRWKV(model=str(path), strategy=strategy, verbose=False)
+
+
+def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, extra_ulps: float = 2.0) -> None:
+    """``got`` (float32) equals ``x @ w.T`` within the float32 rounding bound of
+    a dot product, elementwise: |error| <= (K + extra) * 2**-24 * (|x| @ |w|.T)
+    (Higham, Accuracy and Stability of Numerical Algorithms, 3.1), whatever the
+    summation order, SIMD width or thread count.  A fixed atol instead would
+    hold or not depending on the magnitudes and on the machine's order."""
+    xd, wd = x.double(), w.double()
+    ref = xd @ wd.t()
+    k = x.shape[-1]
+    bound = (k + extra_ulps) * 2.0**-24 * (xd.abs() @ wd.abs().t()) + 1e-30
+    err = (got.double() - ref).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"matmul error {err.max().item():.3g} exceeds the float32 bound (ratio {worst:.3g})"
