@@ -67,7 +67,7 @@ def _forced_isa():
         return
     if FORCED_ISA not in ISA_NAMES:
         pytest.exit(f"RWKVKIT_TEST_ISA must be one of {', '.join(ISA_NAMES)}, got {FORCED_ISA!r}", returncode=4)
-    from rwkvkit import infer_cpu
+    from rwkvkit.runtime import infer_cpu
 
     if infer_cpu.load_extension() is None:
         pytest.exit("RWKVKIT_TEST_ISA is set but the fused CPU decoder cannot be built", returncode=4)

@@ -26,7 +26,7 @@ httpx = importorskip("httpx")
 from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.generate import complete  # noqa: E402
 from rwkvkit.init import random_state_dict  # noqa: E402
-from rwkvkit.model import RWKV  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV  # noqa: E402
 from rwkvkit.serve import Engine, EngineConfig, create_app, make_server  # noqa: E402
 from rwkvkit.tokenizer import ByteTokenizer  # noqa: E402
 

@@ -20,7 +20,7 @@ import rwkvkit  # noqa: E402
 from rwkvkit.cli import main  # noqa: E402
 from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.init import random_state_dict  # noqa: E402
-from rwkvkit.model import RWKV  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV  # noqa: E402
 
 
 @pytest.fixture(scope="module")
