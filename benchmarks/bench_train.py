@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py speed          # tokens/s vs HF RwkvForCausalLM + fp32 matmul rate
     python benchmarks/bench_train.py context        # step time and saved activations vs context 128..4096
-    python benchmarks/bench_train.py shakespeare    # RWKV vs a same-size GPT, same loop, same wall time
+    python benchmarks/bench_train.py shakespeare    # RWKV-4, RWKV-7 and a same-size GPT, same loop, same wall time
     python benchmarks/bench_train.py long-context   # val loss by position, trained with / without state carry
     python benchmarks/bench_train.py cuda-check     # the trainer on a GPU (bf16, speed, checkpointing, resume)
 
@@ -285,19 +285,38 @@ def cmd_shakespeare(args) -> None:
         m.wkv_backend = args.backend
         return m
 
+    def make_rwkv7():
+        # What `rwkvkit train --generation 7` builds: x070 init, the May-2025
+        # trainer's LoRA ranks, no layer-0 value LoRA.
+        from rwkvkit import models
+        from rwkvkit.train.loop import model_config
+
+        mc = model_config(TrainConfig(generation="7", n_layer=L, n_embd=C, head_size=args.head_size), 256)
+        m = models.build(mc)
+        init_weights(m, seed=0)
+        m.wkv_backend = args.backend7
+        return m
+
     def make_gpt():
         torch.manual_seed(0)
         return GPT(256, L, C, args.heads, T)
 
-    n_rwkv = sum(p.numel() for p in make_rwkv().parameters())
-    n_gpt = sum(p.numel() for p in make_gpt().parameters())
+    makers = {"rwkv": make_rwkv, "rwkv7": make_rwkv7, "gpt": make_gpt}
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(makers)}")
+    n_params = {name: sum(p.numel() for p in makers[name]().parameters()) for name in names}
     print(f"# machine: {machine()}")
     print(f"# data: {text} ({len(load_tokens(data, 'train')):,} train / {len(val):,} val bytes)")
-    print(f"# RWKV-4 {L} layers x {C}: {n_rwkv:,} parameters; GPT {L} layers x {C}, {args.heads} heads, MLP 4.5x: {n_gpt:,}")
+    print(f"# {L} layers x {C}: " + "; ".join(f"{_LABELS[n]} {n_params[n]:,} parameters" for n in names)
+          + f" (GPT: {args.heads} heads, MLP 4.5x; RWKV-7: head size {args.head_size})")
     results = {}
-    for name, make in (("rwkv", make_rwkv), ("gpt", make_gpt)):
+    for name in names:
+        make = makers[name]
+        is_rwkv = name.startswith("rwkv")
         kw = dict(ctx_len=T, batch_size=args.batch, lr_init=args.lr, lr_final=args.lr / 10, warmup_steps=args.warmup,
-                  threads=args.threads, l2wrap=1e-4 if name == "rwkv" else 0.0, layerwise_lr=name == "rwkv", seed=0)
+                  threads=args.threads, l2wrap=1e-4 if is_rwkv else 0.0, layerwise_lr=is_rwkv, seed=0)
         steps = _calibrated_steps(make, kw, data, args.minutes, work / name)
         cfg = TrainConfig(data=str(data), out=str(work / name / "run"), max_steps=steps, time_limit=args.minutes * 1.05,
                           val_every=max(1, steps // 10), val_windows=32, save_every=0, progress=False, plot=True, **kw)
@@ -307,32 +326,35 @@ def cmd_shakespeare(args) -> None:
         wall = time.perf_counter() - t0
         bpc = eval_bits_per_char(model, val, T, carry=False)
         res = {"steps": summary["steps"], "planned_steps": steps, "train_minutes": wall / 60, "val_bpc": bpc,
-               "params": n_rwkv if name == "rwkv" else n_gpt}
-        if name == "rwkv":
+               "params": n_params[name]}
+        if is_rwkv:
             res["val_bpc_state_carried"] = eval_bits_per_char(model, val, T, carry=True)
-            rwkvkit.save(model, work / "rwkv" / "model")
+            rwkvkit.save(model, work / name / "model")
         results[name] = res
         print(f"{name}: {json.dumps(res)}", flush=True)
     print(f"\n# outputs in {work}")
-    print(f"{'model':6s} {'params':>10s} {'steps':>6s} {'minutes':>8s} {'val bits/char':>14s}")
+    print(f"{'model':6s} {'params':>10s} {'steps':>6s} {'minutes':>8s} {'val bits/char':>14s} {'state carried':>14s}")
     for name, r in results.items():
-        print(f"{name:6s} {r['params']:10,d} {r['steps']:6d} {r['train_minutes']:8.1f} {r['val_bpc']:14.4f}")
-    if "val_bpc_state_carried" in results.get("rwkv", {}):
-        print(f"rwkv with the state carried through the whole validation text: {results['rwkv']['val_bpc_state_carried']:.4f} bits/char")
+        carried = f"{r['val_bpc_state_carried']:14.4f}" if "val_bpc_state_carried" in r else f"{'-':>14s}"
+        print(f"{name:6s} {r['params']:10,d} {r['steps']:6d} {r['train_minutes']:8.1f} {r['val_bpc']:14.4f} {carried}")
+    print("(state carried: the RNN state runs through the whole validation text instead of restarting every window)")
     if args.plot:
         plot_race(work, Path(args.plot))
         print(f"plot: {args.plot}")
 
 
+_LABELS = {"rwkv": "RWKV-4", "rwkv7": "RWKV-7", "gpt": "GPT"}
+
+
 def plot_race(work: Path, path: Path) -> None:
-    """Validation loss (bits/char) against training time, RWKV and GPT, from the runs' metrics files."""
+    """Validation loss (bits/char) against training time, RWKV-4, RWKV-7 and GPT, from the runs' metrics files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, label in (("rwkv", "RWKV-4"), ("gpt", "GPT")):
+    for name, label in _LABELS.items():
         f = work / name / "run" / "metrics.jsonl"
         if not f.exists():
             continue
@@ -503,7 +525,10 @@ def main(argv=None) -> None:
     s.add_argument("--steps", type=int, default=2)
     s.add_argument("--backend", default="auto")
 
-    s = sub.add_parser("shakespeare", help="RWKV vs a same-size GPT on Tiny Shakespeare, same loop, same time")
+    s = sub.add_parser("shakespeare", help="RWKV-4, RWKV-7 and a same-size GPT on Tiny Shakespeare, same loop, same time")
+    s.add_argument("--models", default="rwkv,rwkv7,gpt", help="which to race, in order: rwkv (RWKV-4), rwkv7, gpt")
+    s.add_argument("--head-size", type=int, default=64, help="RWKV-7 head size")
+    s.add_argument("--backend7", default="auto", help="RWKV-7 WKV backend (auto, torch, reference)")
     s.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
     s.add_argument("--work", default=None, help="folder for data and runs (default: a temporary folder)")
     s.add_argument("--minutes", type=float, default=15.0, help="training time per model")
