@@ -4,6 +4,7 @@ files, gguf-py's ggml (de)quantisers, transformers' own save/load, torch.save.""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -226,14 +227,17 @@ def test_version_100_quantized_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "name,generation",
-    [("5v1-730K-FP32", "RWKV-5"), ("5v2-730K-Q5_1", "RWKV-5.2"), ("6v0-3m-Q5_0", "RWKV-6"), ("7v0-834K-FP16", "RWKV-7")],
+    [("5v1-730K-FP32", "RWKV-5"), ("5v2-730K-Q5_1", "RWKV-5.2"), ("6v0-3m-Q5_0", "RWKV-6")],
 )
-def test_other_generations_are_refused(name, generation):
+def test_rwkvcpp_files_of_rwkv5_and_6_are_refused(name, generation):
+    """rwkvkit runs RWKV-5/6 from official files; rwkv.cpp's transformed v5/v6
+    tensors (spec 7.1) are refused in one line naming the generation and the
+    tensor, by load and by info, rather than run as if they were official."""
     path = shared_file(f"rwkvcpp/other_versions/tiny-rwkv-{name}.bin")
-    with pytest.raises(UnsupportedModelError, match=generation.replace(".", r"\.")) as exc:
-        rwkvkit.load(path)
-    assert "rwkvkit runs RWKV-4" in str(exc.value)
-    assert checkpoint.inspect(path)["generation"].startswith(generation)
+    for call in (rwkvkit.load, checkpoint.inspect):
+        with pytest.raises(UnsupportedModelError, match=f"rwkv.cpp {generation.replace('.', '[.]')} file") as exc:
+            call(path)
+        assert "blocks.0.att.time_" in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_rwkvcpp_writer_round_trip(tmp_path):
@@ -510,15 +514,29 @@ def test_missing_wrong_and_extra_keys(tmp_path):
     [
         ({"blocks.2.tiny_q.weight": torch.zeros(4, 40)}, "RWKV-4a"),
         ({"blocks.1.att.qq.weight": torch.zeros(4, 40)}, "RWKV-4b"),
-        ({"blocks.0.att.ln_x.weight": torch.zeros(24)}, "RWKV-5"),
-        ({"blocks.0.att.time_maa_x": torch.zeros(1, 1, 40)}, "RWKV-6"),
-        ({"blocks.0.att.x_r": torch.zeros(1, 1, 40)}, "RWKV-7"),
     ],
 )
 def test_variants_are_refused_by_key(extra, label, tmp_path):
     sd = dict(random_state_dict(ODD, seed=13), **extra)
     torch.save(sd, tmp_path / "v.pth")
     with pytest.raises(UnsupportedModelError, match=label):
+        rwkvkit.load(tmp_path / "v.pth")
+
+
+@pytest.mark.parametrize(
+    "extra,missing",
+    [
+        ({"blocks.0.att.ln_x.weight": torch.zeros(24)}, "blocks.0.att.ln_x.bias"),
+        ({"blocks.0.att.time_maa_x": torch.zeros(1, 1, 40)}, "blocks.0.att.time_faaaa"),
+        ({"blocks.0.att.x_r": torch.zeros(1, 1, 40)}, "blocks.0.att.r_k"),
+    ],
+)
+def test_one_key_of_a_later_generation_is_a_broken_checkpoint(extra, missing, tmp_path):
+    """RWKV-5, -6 and -7 are supported: an RWKV-4 file with one of their keys
+    is read as that generation and refused for the tensor it lacks."""
+    sd = dict(random_state_dict(ODD, seed=13), **extra)
+    torch.save(sd, tmp_path / "v.pth")
+    with pytest.raises(CheckpointError, match=f"missing tensor '{re.escape(missing)}'"):
         rwkvkit.load(tmp_path / "v.pth")
 
 

@@ -25,9 +25,9 @@ from ..config import ModelConfig
 from ..errors import CheckpointError, UnsupportedModelError
 
 # generation -> module name under rwkvkit.models
-REGISTRY: dict[str, str] = {"4": "rwkv4", "7": "rwkv7"}
+REGISTRY: dict[str, str] = {"4": "rwkv4", "5": "rwkv5", "5.1": "rwkv5", "5.2": "rwkv5", "6": "rwkv6", "7": "rwkv7"}
 
-NICKNAMES = {"4": "RWKV-4", "5": "RWKV-5 (Eagle)", "6": "RWKV-6 (Finch)", "7": "RWKV-7 (Goose)"}
+NICKNAMES = {"4": "RWKV-4", "5": "RWKV-5 (Eagle)", "5.1": "RWKV-5.1 (Eagle)", "5.2": "RWKV-5.2 (Eagle)", "6": "RWKV-6 (Finch)", "7": "RWKV-7 (Goose)"}
 
 _SIGNATURES = (
     # (test on a key, generation label, architecture nickname)
