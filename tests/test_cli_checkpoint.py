@@ -43,14 +43,20 @@ def test_info_rwkvcpp_json(capsys):
     assert info["file_bytes"] == os.path.getsize(path)
 
 
-def test_info_table_and_other_generation(capsys):
+def test_info_table(capsys):
     rc, out, _ = _run(["info", str(shared_file("rwkvcpp/tiny-rwkv-4v0-660K-FP32.bin"))], capsys)
     assert rc == 0
     lines = dict(line.split(None, 1) if " " in line else (line, "") for line in out.splitlines())
     assert lines["layers"].strip() == "4" and lines["quantization"].strip() == "FP32"
     assert "10,240 bytes per sequence" in out and "2,649,149 bytes" in out
-    rc, out, _ = _run(["info", str(shared_file("rwkvcpp/other_versions/tiny-rwkv-6v0-3m-Q5_0.bin"))], capsys)
-    assert rc == 0 and "RWKV-6" in out and "Q5_0" in out and "RWKV-4 only" in out
+
+
+def test_info_of_a_variant_rwkvkit_does_not_run(tmp_path, capsys):
+    sd = dict(random_state_dict(CFG), **{"blocks.1.tiny_q.weight": torch.zeros(4, 32)})
+    torch.save(sd, tmp_path / "tiny.pth")
+    rc, out, _ = _run(["info", str(tmp_path / "tiny.pth")], capsys)
+    assert rc == 0 and "RWKV-4a" in out
+    assert "no: rwkvkit runs RWKV-4, RWKV-5 (Eagle), RWKV-6 (Finch), RWKV-7 (Goose) (found 'blocks.1.tiny_q.weight')" in out
 
 
 def test_info_rwkvkit_folder(tmp_path, capsys):
@@ -63,11 +69,11 @@ def test_info_rwkvkit_folder(tmp_path, capsys):
     assert info["dim_att"] == 32 and info["rescale_every"] == 0
 
 
-@pytest.mark.parametrize("to", ["rwkvkit", "hf", "pth", "rwkvcpp"])
+@pytest.mark.parametrize("to", ["rwkvkit", "hf", "pth", "safetensors", "rwkvcpp"])
 def test_convert_every_target(to, tmp_path, capsys):
     sd = random_state_dict(CFG, seed=3)
     torch.save(sd, tmp_path / "m.pth")
-    dst = tmp_path / ("out.bin" if to in ("pth", "rwkvcpp") else "out")
+    dst = tmp_path / ("out.bin" if to in ("pth", "safetensors", "rwkvcpp") else "out")
     rc, out, err = _run(["convert", str(tmp_path / "m.pth"), str(dst), "--to", to], capsys)
     assert rc == 0, err
     assert "wrote" in out
@@ -153,13 +159,13 @@ def _bad_inputs(tmp_path):
     cases["not a dict"] = (tmp_path / "list.pth", ["list"])
     cases["output over a non-model folder"] = (tmp_path / "ok.pth", ["not a model folder"])
     cases["output folder over a file"] = (tmp_path / "ok.pth", ["is a file"])
-    cases["RWKV-7"] = (shared_file("rwkvcpp/other_versions/tiny-rwkv-7v0-834K-Q5_1.bin"), ["RWKV-7"])
+    cases["RWKV-6"] = (shared_file("rwkvcpp/other_versions/tiny-rwkv-6v0-3m-Q5_0.bin"), ["rwkv.cpp RWKV-6 file"])
     return cases
 
 
 def test_bad_inputs_give_one_line(tmp_path, capsys):
     for name, (path, words) in _bad_inputs(tmp_path).items():
-        verb = ["convert", str(path), str(tmp_path / "out"), "--to", "rwkvkit"] if name == "RWKV-7" else ["info", str(path)]
+        verb = ["convert", str(path), str(tmp_path / "out"), "--to", "rwkvkit"] if name == "RWKV-6" else ["info", str(path)]
         if name in ("missing key", "wrong shape", "extra key"):
             verb = ["convert", str(path), str(tmp_path / "out"), "--to", "hf"]
         if name == "output over a non-model folder":
@@ -219,8 +225,11 @@ def test_info_reads_no_tensor_data(monkeypatch, capsys):
 
     monkeypatch.setattr(rwkvcpp, "read_tensor", refuse)
     monkeypatch.setattr(rwkvcpp, "dequantize", refuse)
+    from rwkvkit.models.rwkv7 import RWKV7
+
     monkeypatch.setattr(model_module.RWKV, "__init__", refuse)
-    for name in ("tiny-rwkv-4v0-660K-FP16.bin", "other_versions/tiny-rwkv-5v2-730K-Q5_1.bin"):
+    monkeypatch.setattr(RWKV7, "__init__", refuse)
+    for name in ("tiny-rwkv-4v0-660K-FP16.bin", "other_versions/tiny-rwkv-7v0-834K-Q5_1.bin"):
         rc, out, err = _run(["info", str(shared_file(f"rwkvcpp/{name}")), "--json"], capsys)
         assert rc == 0, err
         assert json.loads(out)["parameters"] > 0

@@ -5,8 +5,10 @@ Formats are recognised by their content, never by the file name:
 - ``pth``: BlinkDL's official ``torch.save``'d dict (fp32/fp16/bf16), also
   Lightning files whose keys carry a ``_forward_module.`` prefix;
 - ``safetensors``: one ``.safetensors`` file with the official key names;
-- ``hf``: a Hugging Face ``RwkvForCausalLM`` folder (``config.json`` with
-  ``model.safetensors`` or ``pytorch_model.bin``, sharded or not);
+- ``hf``: a Hugging Face folder (``config.json`` with ``model.safetensors``
+  or ``pytorch_model.bin``, sharded or not): transformers' ``RwkvForCausalLM``
+  (RWKV-4, model_type "rwkv") or fla's ``RWKV7ForCausalLM`` (RWKV-7,
+  model_type "rwkv7", the fla-hub layout);
 - ``rwkvcpp``: an rwkv.cpp ``.bin`` (FP32, FP16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0;
   see :mod:`rwkvkit.rwkvcpp`), dequantised on load;
 - ``rwkvkit``: rwkvkit's own folder, ``config.json`` (the
@@ -46,7 +48,7 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 # Output formats of `convert`.
-TARGETS = ("rwkvkit", "hf", "pth", "rwkvcpp")
+TARGETS = ("rwkvkit", "hf", "pth", "safetensors", "rwkvcpp")
 
 _LIGHTNING_PREFIX = "_forward_module."
 _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -73,7 +75,43 @@ HF_NAME_TABLE: tuple[tuple[str, str], ...] = (
     ("ln_out.{p}", "rwkv.ln_out.{p}"),
     ("head.weight", "head.weight"),
 )
-_PLACEHOLDERS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>weight|bias)", "m": r"(?P<m>key|value|receptance|output)"}
+# fla's RWKV7ForCausalLM names (rwkv5-7 spec 2.6; fla-org/flash-linear-attention
+# fla/models/rwkv7, fla/layers/rwkv7).  The third field says how the tensor
+# changes on the way to HF: "T" transposed (fla's LoRA is two nn.Linear, so
+# w1 (C, D) is lora.0.weight (D, C)), "vec" (1, 1, C) -> (C,), "x" kept
+# (1, 1, C) (a (C,) one is accepted on reading), None unchanged.  {x} is a
+# LoRA (w, a, v, g), {y} one with a bias (w, a, v: their x0), {c} a mix.
+HF7_NAME_TABLE: tuple[tuple[str, str, "str | None"], ...] = (
+    ("emb.weight", "model.embeddings.weight", None),
+    ("blocks.0.ln0.{p}", "model.layers.0.pre_norm.{p}", None),
+    ("blocks.{i}.ln1.{p}", "model.layers.{i}.attn_norm.{p}", None),
+    ("blocks.{i}.ln2.{p}", "model.layers.{i}.ffn_norm.{p}", None),
+    ("blocks.{i}.att.x_{c}", "model.layers.{i}.attn.x_{c}", "x"),
+    ("blocks.{i}.att.{x}1", "model.layers.{i}.attn.{x}_lora.lora.0.weight", "T"),
+    ("blocks.{i}.att.{x}2", "model.layers.{i}.attn.{x}_lora.lora.2.weight", "T"),
+    ("blocks.{i}.att.{y}0", "model.layers.{i}.attn.{y}_lora.lora.2.bias", "vec"),
+    ("blocks.{i}.att.k_k", "model.layers.{i}.attn.k_k", "vec"),
+    ("blocks.{i}.att.k_a", "model.layers.{i}.attn.k_a", "vec"),
+    ("blocks.{i}.att.r_k", "model.layers.{i}.attn.r_k", None),
+    ("blocks.{i}.att.receptance.weight", "model.layers.{i}.attn.r_proj.weight", None),
+    ("blocks.{i}.att.key.weight", "model.layers.{i}.attn.k_proj.weight", None),
+    ("blocks.{i}.att.value.weight", "model.layers.{i}.attn.v_proj.weight", None),
+    ("blocks.{i}.att.output.weight", "model.layers.{i}.attn.o_proj.weight", None),
+    ("blocks.{i}.att.ln_x.{p}", "model.layers.{i}.attn.g_norm.{p}", None),
+    ("blocks.{i}.ffn.x_k", "model.layers.{i}.ffn.x_k", "vec"),
+    ("blocks.{i}.ffn.key.weight", "model.layers.{i}.ffn.key.weight", None),
+    ("blocks.{i}.ffn.value.weight", "model.layers.{i}.ffn.value.weight", None),
+    ("ln_out.{p}", "model.norm.{p}", None),
+    ("head.weight", "lm_head.weight", None),
+)
+_PLACEHOLDERS = {
+    "i": r"(?P<i>\d+)",
+    "p": r"(?P<p>weight|bias)",
+    "m": r"(?P<m>key|value|receptance|output)",
+    "c": r"(?P<c>[rwkvag])",
+    "x": r"(?P<x>[wavg])",
+    "y": r"(?P<y>[wav])",
+}
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -82,29 +120,95 @@ def _compile(pattern: str) -> re.Pattern:
     return re.compile(rx + r"\Z")
 
 
-_TO_HF = [(_compile(a), b) for a, b in HF_NAME_TABLE]
-_FROM_HF = [(_compile(b), a) for a, b in HF_NAME_TABLE]
+@dataclass(frozen=True)
+class HFLayout:
+    """One Hugging Face architecture: its config names and its name table."""
+
+    generation: str
+    model_type: str
+    architecture: str
+    to_hf: list  # [(official regex, HF template, change)]
+    from_hf: list  # [(HF regex, official template, change)]
+
+
+def _layout(generation: str, model_type: str, architecture: str, table) -> HFLayout:
+    rows = [tuple(row) + (None,) * (3 - len(row)) for row in table]
+    return HFLayout(
+        generation,
+        model_type,
+        architecture,
+        [(_compile(a), b, c) for a, b, c in rows],
+        [(_compile(b), a, c) for a, b, c in rows],
+    )
+
+
+# generation -> the layout rwkvkit writes; model_type -> the layout it reads.
+HF_LAYOUTS = {
+    "4": _layout("4", "rwkv", "RwkvForCausalLM", HF_NAME_TABLE),
+    "7": _layout("7", "rwkv7", "RWKV7ForCausalLM", HF7_NAME_TABLE),
+}
+# fla renamed its model_type to "rwkv7_fla" in 2025; both mean the same layout.
+HF_MODEL_TYPES = {"rwkv": HF_LAYOUTS["4"], "rwkv7": HF_LAYOUTS["7"], "rwkv7_fla": HF_LAYOUTS["7"]}
+_TO_HF = HF_LAYOUTS["4"].to_hf
+_FROM_HF = HF_LAYOUTS["4"].from_hf
+
+
+def _match(key: str, table):
+    for rx, template, change in table:
+        m = rx.match(key)
+        if m:
+            return template.format(**m.groupdict()), change
+    return None, None
 
 
 def _rename(key: str, table) -> str | None:
-    for rx, template in table:
-        m = rx.match(key)
-        if m:
-            return template.format(**m.groupdict())
-    return None
+    return _match(key, table)[0]
 
 
-def official_to_hf(key: str) -> str:
-    """``blocks.3.att.time_mix_k`` -> ``rwkv.blocks.3.attention.time_mix_key``."""
-    out = _rename(key, _TO_HF)
+def official_to_hf(key: str, generation: str = "4") -> str:
+    """``blocks.3.att.time_mix_k`` -> ``rwkv.blocks.3.attention.time_mix_key``
+    (RWKV-4); ``blocks.3.att.w1`` -> ``model.layers.3.attn.w_lora.lora.0.weight``
+    (RWKV-7)."""
+    out = _rename(key, HF_LAYOUTS[generation].to_hf) if generation in HF_LAYOUTS else None
     if out is None:
         raise CheckpointError(f"tensor '{key}' has no Hugging Face name")
     return out
 
 
-def hf_to_official(key: str) -> str | None:
+def hf_to_official(key: str, model_type: str = "rwkv") -> str | None:
     """The inverse of :func:`official_to_hf`; None for a key outside the table."""
-    return _rename(key, _FROM_HF)
+    layout = HF_MODEL_TYPES.get(model_type)
+    return _rename(key, layout.from_hf) if layout else None
+
+
+def _hf_change(t: torch.Tensor, change: "str | None", to_hf: bool, key: str) -> torch.Tensor:
+    """Apply (or undo) the shape change of one table row; no value changes."""
+    if change == "T":
+        if t.dim() != 2:
+            raise ShapeError(f"tensor '{key}' has shape {tuple(t.shape)}, expected a 2-D LoRA matrix")
+        return t.t().contiguous()
+    if change in ("vec", "x"):
+        if to_hf:
+            return t.reshape(-1) if change == "vec" else t.reshape(1, 1, -1)
+        return t.reshape(1, 1, -1) if t.dim() != 3 else t
+    return t
+
+
+def state_dict_to_hf(sd: Mapping[str, torch.Tensor], generation: str) -> dict[str, torch.Tensor]:
+    """Official tensors -> the HF layout of ``generation``.  RWKV-7: layer 0's
+    v0/v1/v2 (unused) are dropped, since fla's layer 0 has no v_lora."""
+    layout = HF_LAYOUTS.get(generation)
+    if layout is None:
+        raise CheckpointError(f"rwkvkit writes Hugging Face folders of {', '.join(models.NICKNAMES[g] for g in HF_LAYOUTS)}, not RWKV-{generation}")
+    out: dict[str, torch.Tensor] = {}
+    for key, t in sd.items():
+        if generation == "7" and key in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"):
+            continue
+        name, change = _match(key, layout.to_hf)
+        if name is None:
+            raise CheckpointError(f"tensor '{key}' has no Hugging Face name")
+        out[name] = _hf_change(t, change, True, key).contiguous()
+    return out
 
 
 # ------------------------------------------------------------ what was read
@@ -337,13 +441,14 @@ def _read_hf(path: Path, meta: bool) -> Checkpoint:
     cfg = _read_json(path / CONFIG)
     mtype = str(cfg.get("model_type", ""))
     archs = cfg.get("architectures") or []
-    if mtype != "rwkv":
-        gen = {"rwkv5": "RWKV-5 (Eagle)", "rwkv6": "RWKV-6 (Finch)", "rwkv7": "RWKV-7 (Goose)"}.get(mtype)
+    layout = HF_MODEL_TYPES.get(mtype)
+    if layout is None:
+        gen = {"rwkv5": "RWKV-5 (Eagle)", "rwkv6": "RWKV-6 (Finch)"}.get(mtype)
+        known = ", ".join(f"'{t}' ({lay.architecture})" for t, lay in HF_MODEL_TYPES.items())
         if gen:
-            raise UnsupportedModelError(f"'{path}' is an {gen} Hugging Face model (model_type '{mtype}'); rwkvkit runs RWKV-4 only")
-        raise CheckpointError(
-            f"'{path / CONFIG}' has model_type {mtype!r} (architectures {archs}); expected 'rwkv' (RwkvForCausalLM)"
-        )
+            runs = ", ".join(models.NICKNAMES[g] for g in sorted(models.REGISTRY))
+            raise UnsupportedModelError(f"'{path}' is an {gen} Hugging Face model (model_type '{mtype}'); rwkvkit runs {runs}")
+        raise CheckpointError(f"'{path / CONFIG}' has model_type {mtype!r} (architectures {archs}); expected one of {known}")
     files: list[Path]
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
@@ -367,13 +472,22 @@ def _read_hf(path: Path, meta: bool) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     unknown = []
     for key, t in hf.items():
-        name = hf_to_official(key)
+        m = re.match(r"(model\.layers\.\d+\.attn\.)x_x\Z", key) if layout.generation == "7" else None
+        if m:  # fla's first RWKV-7 layout: the six mixes in one (6, C) tensor
+            if t.dim() not in (2, 3) or t.shape[0] != 6:
+                raise ShapeError(f"tensor '{key}' in '{path}' has shape {tuple(t.shape)}, expected (6, n_embd)")
+            for i, c in enumerate("rwkvag"):
+                tensors[hf_to_official(f"{m.group(1)}x_{c}", mtype)] = t[i].reshape(1, 1, -1)
+            continue
+        name, change = _match(key, layout.from_hf)
         if name is None:
             unknown.append(key)
         else:
-            tensors[name] = t
+            tensors[name] = _hf_change(t, change, False, key)
     if unknown:
-        raise CheckpointError(f"Hugging Face folder '{path}' has unexpected tensors {sorted(unknown)[:5]} (not RwkvForCausalLM names)")
+        raise CheckpointError(
+            f"Hugging Face folder '{path}' has unexpected tensors {sorted(unknown)[:5]} (not {layout.architecture} names)"
+        )
     return Checkpoint(path, "hf", tensors, _file_bytes(path), details={"config": cfg})
 
 
@@ -708,7 +822,9 @@ def save(model, folder: "str | os.PathLike") -> Path:
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """A transformers ``RwkvConfig`` (as config.json) for ``config``."""
+    """A transformers ``RwkvConfig`` (RWKV-4) or fla ``RWKV7Config`` (RWKV-7), as config.json, for ``config``."""
+    if config.generation == "7":
+        return _hf_config7(config, dtype)
     return {
         "architectures": ["RwkvForCausalLM"],
         "model_type": "rwkv",
@@ -728,13 +844,53 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
+def _hf_config7(config, dtype: torch.dtype) -> dict[str, Any]:
+    """fla's ``RWKV7Config`` fields (fla/models/rwkv7/configuration_rwkv7.py).
+
+    fla's GroupNorm eps is ``head_dim * norm_eps`` (64e-5 for head_dim 64),
+    rwkvkit's is ``group_norm_eps``; they agree for head size 64.
+    """
+    C, L, F_ = config.n_embd, config.n_layer, config.dim_ffn
+    return {
+        "architectures": ["RWKV7ForCausalLM"],
+        "model_type": "rwkv7",
+        "vocab_size": config.vocab_size,
+        "hidden_size": C,
+        "num_hidden_layers": L,
+        "head_dim": config.head_size,
+        "num_heads": config.n_head,
+        "decay_low_rank_dim": config.d_decay,
+        "a_low_rank_dim": config.d_aaa,
+        "v_low_rank_dim": config.d_mv,
+        "gate_low_rank_dim": config.d_gate,
+        "intermediate_size": F_,
+        "hidden_ratio": F_ // C if F_ % C == 0 else F_ / C,
+        "hidden_act": "sqrelu",
+        "value_dim": [C] * L,
+        "norm_eps": config.layer_norm_eps,
+        "norm_bias": True,
+        "norm_first": True,
+        "fuse_norm": False,
+        "attn_mode": "chunk",
+        "attn": None,
+        "max_position_embeddings": 2048,
+        "initializer_range": 0.02,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": dtype_name(dtype),
+    }
+
+
 def save_hf(model, folder: "str | os.PathLike") -> Path:
-    """Write a Hugging Face ``RwkvForCausalLM`` folder, atomically."""
+    """Write a Hugging Face folder, atomically: transformers' ``RwkvForCausalLM``
+    for RWKV-4, fla's ``RWKV7ForCausalLM`` for RWKV-7."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     _check_folder_target(folder)
-    sd = {official_to_hf(k): v for k, v in _official_state_dict(model).items()}
+    sd = state_dict_to_hf(_official_state_dict(model), model.config.generation)
     with atomic_dir(folder) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         cfg = hf_config(model.config, model.dtype)
@@ -752,6 +908,18 @@ def save_pth(model, path: "str | os.PathLike") -> Path:
     return path
 
 
+def save_safetensors(model, path: "str | os.PathLike") -> Path:
+    """Write one ``.safetensors`` file with the official key names and shapes, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    _check_file_target(path)
+    sd = _official_state_dict(model)
+    with atomic_path(path) as tmp:
+        save_file(sd, str(tmp), metadata={"format": "pt"})
+    return path
+
+
 def save_rwkvcpp(model, path: "str | os.PathLike", type_name: str = "FP32") -> Path:
     """Write an rwkv.cpp file as its converter (FP32, FP16) or its quantizer
     (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) would, atomically."""
@@ -759,7 +927,7 @@ def save_rwkvcpp(model, path: "str | os.PathLike", type_name: str = "FP32") -> P
     _check_file_target(path)
     sd = _official_state_dict(model)
     with atomic_path(path) as tmp:
-        rwkvcpp.write_state_dict(tmp, sd, model.config.n_layer, type_name)
+        rwkvcpp.write_state_dict(tmp, sd, model.config.n_layer, type_name, generation=model.config.generation)
     return path
 
 
@@ -794,6 +962,8 @@ def convert(
         return save_hf(model, dst)
     if to == "pth":
         return save_pth(model, dst)
+    if to == "safetensors":
+        return save_safetensors(model, dst)
     if rwkvcpp_type is None:
         rwkvcpp_type = "FP16" if model.dtype == torch.float16 else "FP32"
     return save_rwkvcpp(model, dst, rwkvcpp_type)

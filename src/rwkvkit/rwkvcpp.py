@@ -11,10 +11,13 @@ records until the end of the file, without padding:
 and the data is the PyTorch tensor in row-major order.  Quantised types store
 blocks of 32 consecutive elements along ``ne[0]``.
 
-rwkv.cpp changes two RWKV-4 tensors on conversion; :func:`to_official` undoes
-it: ``att.time_decay`` is stored as ``-exp(d)`` (the per-step log-decay), and
-every ``.time_*`` tensor is squeezed, so ``time_mix_*`` are ``(C,)`` instead of
-``(1, 1, C)``.
+rwkv.cpp changes some tensors on conversion; :func:`to_official` undoes it
+(rwkv5-7 spec 7.1).  RWKV-4: ``att.time_decay`` is stored as ``-exp(d)`` (the
+per-step log-decay), and every ``.time_*`` tensor is squeezed, so
+``time_mix_*`` are ``(C,)`` instead of ``(1, 1, C)``.  RWKV-7: the six
+token-shift mixes are one ``att.x_rwkvag`` (6, 1, C), the LoRA matrices
+``w1, w2, a1, a2, v1, v2, g1, g2`` are stored transposed, and layer 0 has no
+``v0, v1, v2``.  Files carry no generation; it is read from the names.
 
 Quantised layouts are those of ggml after 2023-05 (file version 101).  Version
 100 files used an older, incompatible block layout for the quantised types
@@ -25,6 +28,7 @@ FP32 and FP16 data are the same in both versions.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ShapeError
 
 MAGIC = 0x67676D66  # "ggmf" read as a little-endian u32; b"fmgg" on disk
 MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -298,8 +302,99 @@ def _from_official4(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# RWKV-7 (spec 7.1): rwkv.cpp's converter concatenates the six token-shift
+# mixes into one (6, 1, C) tensor, stores the LoRA matrices transposed and
+# writes no v0/v1/v2 for layer 0 (unused there: layer 0 makes v_first).
+_MIX7 = ("r", "w", "k", "v", "a", "g")
+_LORA7 = re.compile(r"(.*\.att\.)([wavg])([12])\Z")
+# (1, 1, C) vectors that a file may hold squeezed to (C,).
+_VEC7 = (".att.w0", ".att.a0", ".att.v0", ".att.k_k", ".att.k_a", ".ffn.x_k") + tuple(f".att.x_{m}" for m in _MIX7)
+_LAYER0_V7 = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+def _to_official7(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo rwkv.cpp's RWKV-7 conversion: split ``att.x_rwkvag`` into
+    ``x_r, x_w, x_k, x_v, x_a, x_g`` (each (1, 1, C), in that order),
+    transpose the LoRA matrices back to (C, D) / (D, C) and give squeezed
+    vectors their (1, 1, C) shape.  No value changes: exact."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(".att.x_rwkvag"):
+            if t.dim() not in (2, 3) or t.shape[0] != 6 or (t.dim() == 3 and t.shape[1] != 1):
+                raise ShapeError(f"tensor '{name}' has shape {tuple(t.shape)}, expected (6, 1, n_embd)")
+            prefix = name[: -len("x_rwkvag")]
+            for i, m in enumerate(_MIX7):
+                out[f"{prefix}x_{m}"] = t[i].reshape(1, 1, -1).contiguous()
+            continue
+        if _LORA7.match(name):
+            if t.dim() != 2:
+                raise ShapeError(f"tensor '{name}' has shape {tuple(t.shape)}, expected a 2-D LoRA matrix")
+            t = t.t().contiguous()
+        elif name.endswith(_VEC7) and t.dim() != 3:
+            t = t.reshape(1, 1, -1)
+        elif ".time_" in name:
+            raise CheckpointError(f"tensor '{name}' is not an RWKV-7 name (RWKV-7 has no time_* tensors)")
+        out[name] = t
+    return out
+
+
+def _from_official7(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_to_official7`: what rwkv.cpp's converter stores.
+
+    The six mixes of a layer become one ``att.x_rwkvag`` at the place of
+    ``att.x_r``; layer 0's unused v0/v1/v2 are left out, as in rwkv.cpp's files.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name in _LAYER0_V7:
+            continue
+        m = re.match(r"(.*\.att\.)x_([rwkvag])\Z", name)
+        if m:
+            if m.group(2) != "r":
+                continue  # written with x_r
+            prefix = m.group(1)
+            missing = [f"{prefix}x_{c}" for c in _MIX7 if f"{prefix}x_{c}" not in sd]
+            if missing:
+                raise CheckpointError(f"missing tensor '{missing[0]}' (rwkv.cpp stores the six mixes together)")
+            out[prefix + "x_rwkvag"] = torch.cat([sd[f"{prefix}x_{c}"].reshape(1, 1, -1) for c in _MIX7], dim=0)
+            continue
+        if _LORA7.match(name):
+            t = t.t().contiguous()
+        if ".time_" in name:
+            t = t.squeeze()
+        out[name] = t
+    return out
+
+
 # generation -> (file tensors -> official state dict, official -> file tensors)
-TRANSFORMS = {"4": (_to_official4, _from_official4)}
+TRANSFORMS = {"4": (_to_official4, _from_official4), "7": (_to_official7, _from_official7)}
+
+# Names that rwkv.cpp's converter keeps in FP32 in an FP16 file even when they
+# have two or more dimensions (spec 7.1), and the non-emb/head 2-D tensors its
+# quantizer leaves unquantised, per generation.
+_FP32_NAMES = {
+    "4": (".time_",),
+    "7": (".time_", ".k_k", ".k_a", ".r_k", ".x_rwkvag", ".x_k", ".w0", ".a0", ".v0"),
+}
+_UNQUANTIZED = re.compile(r"\.att\.([wavg][12]|r_k)\Z")
+
+
+def tensor_type(name: str, shape: tuple[int, ...], type_name: str, generation: str = "4") -> str:
+    """The type rwkv.cpp's converter (FP32, FP16) or quantizer (Q*) gives a tensor
+    of an rwkv.cpp-named state dict in a file of main type ``type_name``.
+
+    FP16: tensors with >= 2 dims whose names contain none of the generation's
+    FP32 markers (RWKV-7: the LoRA matrices are FP16).  Quantised: 2-D
+    tensors other than ``emb``, ``head``, and RWKV-7's LoRAs and ``r_k``.
+    Everything else is FP32.
+    """
+    if type_name in QUANTIZED:
+        if len(shape) == 2 and name not in ("emb.weight", "head.weight") and not _UNQUANTIZED.search(name):
+            return type_name
+        return "FP32"
+    if type_name == "FP16" and len(shape) >= 2 and not any(m in name for m in _FP32_NAMES.get(generation, (".time_",))):
+        return "FP16"
+    return "FP32"
 
 
 def _transforms(generation: str):
@@ -412,26 +507,36 @@ def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
     return out.reshape(*x.shape[:-1], x.shape[-1] // block * block_bytes)
 
 
-def write_state_dict(path: "str | os.PathLike", sd: Mapping[str, torch.Tensor], n_layer: int, type_name: str = "FP32") -> None:
-    """Write an official-name RWKV-4 state dict as rwkv.cpp would convert it.
+def write_state_dict(
+    path: "str | os.PathLike",
+    sd: Mapping[str, torch.Tensor],
+    n_layer: int,
+    type_name: str = "FP32",
+    generation: "str | None" = None,
+) -> None:
+    """Write an official-name state dict as rwkv.cpp would convert it.
 
-    ``type_name`` is FP32, FP16 or a quantised type.  As in rwkv.cpp's
-    converter, FP16 applies only to tensors with two or more dimensions whose
-    names lack ``.time_``; as in its quantizer, a quantised type applies to
-    the per-layer matrices, while ``emb``, ``head`` and the vectors stay FP32.
+    ``generation`` ("4" or "7") is read from the keys when not given
+    (:func:`rwkvkit.models.detect`).  ``type_name`` is FP32, FP16 or a
+    quantised type; which tensors take it is rwkv.cpp's rule, per generation
+    (:func:`tensor_type`).  The header is version 101, as rwkv.cpp writes.
     """
     if type_name not in TYPE_CODES:
         raise CheckpointError(f"unknown rwkv.cpp type {type_name!r}; expected one of {', '.join(TYPE_CODES)}")
-    cpp = from_official(sd)
+    if generation is None:
+        from . import models
+
+        generation = models.detect(sd)[0]
+    cpp = from_official(sd, generation)
     emb = cpp["emb.weight"]
 
     def records():
         for name, t in cpp.items():
             arr = t.detach().cpu().float().contiguous().numpy()
-            matrix = t.dim() >= 2 and ".time_" not in name
-            if type_name in QUANTIZED and matrix and name not in ("emb.weight", "head.weight"):
-                yield name, type_name, tuple(t.shape), quantize(arr, type_name).tobytes()
-            elif type_name == "FP16" and matrix:
+            kind = tensor_type(name, tuple(t.shape), type_name, generation)
+            if kind in QUANTIZED:
+                yield name, kind, tuple(t.shape), quantize(arr, kind).tobytes()
+            elif kind == "FP16":
                 yield name, "FP16", tuple(t.shape), arr.astype("<f2").tobytes()
             else:
                 yield name, "FP32", tuple(t.shape), arr.astype("<f4").tobytes()

@@ -18,12 +18,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "convert",
-        help="re-write a checkpoint as rwkvkit, Hugging Face, official .pth or rwkv.cpp",
+        help="re-write a checkpoint as rwkvkit, Hugging Face, official .pth / .safetensors or rwkv.cpp",
         description="Read SRC (any supported format) and write DST atomically in the format given by --to.",
     )
     p.add_argument("src", help="input checkpoint (any supported format)")
-    p.add_argument("dst", help="output: a folder for rwkvkit/hf, a file for pth/rwkvcpp")
-    p.add_argument("--to", required=True, choices=["rwkvkit", "hf", "pth", "rwkvcpp"], help="output format")
+    p.add_argument("dst", help="output: a folder for rwkvkit/hf, a file for pth/safetensors/rwkvcpp")
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["rwkvkit", "hf", "pth", "safetensors", "rwkvcpp"],
+        help="output format: rwkvkit folder; Hugging Face folder (RwkvForCausalLM for RWKV-4, fla's "
+        "RWKV7ForCausalLM for RWKV-7); official .pth; one .safetensors file with the official names; rwkv.cpp .bin",
+    )
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast the weights (default: unchanged)")
     p.add_argument(
         "--type",
@@ -31,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         choices=["FP32", "FP16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"],
         help="rwkv.cpp tensor type, only with --to rwkvcpp (default: FP16 for float16 weights, else FP32); "
-        "quantised types apply to the per-layer matrices, as rwkv.cpp's quantizer does",
+        "quantised types apply to the per-layer matrices (not RWKV-7's LoRAs), as rwkv.cpp's quantizer does",
     )
     p.set_defaults(func=run_convert)
 
@@ -47,6 +53,7 @@ def _human(n: int) -> str:
 
 def run_info(args: argparse.Namespace) -> int:
     from ..checkpoint import inspect
+    from ..models import NICKNAMES, REGISTRY
 
     info = inspect(args.path)
     if args.json:
@@ -57,10 +64,15 @@ def run_info(args: argparse.Namespace) -> int:
         fmt = f"rwkv.cpp (file version {info['format_version']})"
     rows = [("path", info["path"]), ("format", fmt), ("generation", info["generation"])]
     if info.get("supported") is False:
-        rows.append(("supported", f"no: rwkvkit runs RWKV-4 only (found '{info['generation_evidence']}')"))
+        runs = ", ".join(NICKNAMES[g] for g in sorted(REGISTRY) if "." not in g)  # 5.1/5.2 are RWKV-5
+        rows.append(("supported", f"no: rwkvkit runs {runs} (found '{info['generation_evidence']}')"))
     for key in ("layers", "n_embd", "dim_att", "dim_ffn", "vocab"):
         if key in info:
             rows.append((key, str(info[key])))
+    if "head_size" in info:
+        rows.append(("heads", f"{info['n_embd'] // info['head_size']} x {info['head_size']}"))
+    if "d_decay" in info:
+        rows.append(("LoRA ranks", f"decay {info['d_decay']}, a {info['d_aaa']}, v {info['d_mv']}, gate {info['d_gate']}"))
     if "quantization" in info:
         rows.append(("quantization", info["quantization"]))
     rows.append(("dtypes", ", ".join(f"{k} ({v:,} values)" for k, v in info["dtypes"].items())))
