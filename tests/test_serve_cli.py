@@ -38,6 +38,8 @@ def model_dir(tmp_path_factory):
     [
         (["--api-key-env", "RWKVKIT_TEST_SURELY_UNSET_VAR"], "RWKVKIT_TEST_SURELY_UNSET_VAR"),
         (["--api-key", "a", "--api-key-env", "B"], "not both"),
+        (["--api-key", ""], "--api-key is empty"),
+        (["--api-key", "  "], "--api-key is empty"),
         (["--port", "70000"], "--port"),
         (["--max-batch", "0"], "max_batch"),
         (["--chat-user", " "], "--chat-user"),

@@ -34,6 +34,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="VAR",
         help="read the API key from environment variable VAR (keeps it out of the process list)",
     )
+    g.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a domain name clients may reach this server by (the Host header; repeatable; '*' allows any). "
+        "IP addresses and localhost are always accepted; other names are refused, which stops DNS-rebinding attacks from web pages",
+    )
+    g.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (e.g. https://app.example) whose pages may call this server from a browser (repeatable; default: none)",
+    )
     g.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send (default: the model file or folder name)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level (default info)")
     g = p.add_argument_group("limits")
@@ -62,6 +77,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise RwkvkitError(f"--port must be in 0..65535, got {args.port}")
     api_key = args.api_key
+    if api_key is not None and not api_key.strip():
+        raise RwkvkitError("--api-key is empty: give a non-empty key (or leave the flag out to serve without one)")
     if args.api_key_env:
         if api_key:
             raise RwkvkitError("give --api-key or --api-key-env, not both")
@@ -91,7 +108,11 @@ def run_serve(args: argparse.Namespace) -> int:
     model, tok = _load(args, huge_pages=args.huge_pages)
     name = args.served_model_name or (Path(args.model).name if args.model else "rwkvkit-shipped")
     template = ChatTemplate(user=args.chat_user.strip(), assistant=args.chat_assistant.strip(), system=args.chat_system.strip())
-    app = create_app(Engine(model, tok, config), name, api_key=api_key, chat_template=template)
+    allowed = list(args.allowed_host)
+    if not is_loopback(args.host) and args.host not in ("0.0.0.0", "::"):
+        allowed.append(args.host)  # the name it was started with
+    app = create_app(Engine(model, tok, config), name, api_key=api_key, chat_template=template,
+                     allowed_hosts=allowed, cors_origins=args.cors_origin)
     server, sock = make_server(app, args.host, args.port, args.log_level)
     host, port = sock.getsockname()[:2]
     if not is_loopback(args.host):

@@ -28,8 +28,15 @@ _log = logging.getLogger("rwkvkit.serve")
 
 # How often a waiting non-streaming handler checks that its client is still there.
 DISCONNECT_POLL_S = 0.25
-# Bodies larger than this are refused before they are parsed.
+# Bodies larger than this are refused while they are read (with or without a
+# Content-Length), before they are parsed.
 MAX_BODY_BYTES = 8 * 2**20
+# JSON deeper than this is refused (no OpenAI request nests beyond a handful).
+MAX_JSON_DEPTH = 64
+# Seeds are torch generator seeds: 64-bit, negative ones as two's complement.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# What a 429 asks the client to wait, in seconds.
+RETRY_AFTER_S = 1
 
 
 def _require_fastapi():
@@ -76,12 +83,144 @@ class ChatTemplate:
 
 
 # ----------------------------------------------------------------- app factory
-def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: ChatTemplate | None = None):
+def _json_problem(data: Any) -> tuple[str, str | None] | None:
+    """(message, field path) for parsed JSON that is too deep or holds a string
+    that is not valid Unicode (a lone surrogate from a \\ud800 escape); None if fine.
+    Iterative, so no depth can overflow the stack."""
+    todo: list[tuple[Any, tuple, int]] = [(data, (), 0)]
+    while todo:
+        obj, path, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None
+        where = ".".join(str(p) for p in path) or None
+        if isinstance(obj, str):
+            try:
+                obj.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{where or 'body'}: the text holds a lone surrogate (\\ud800-\\udfff), which is not valid Unicode", where
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "a field name holds a lone surrogate, which is not valid Unicode", where
+                todo.append((value, (*path, key), depth + 1))
+        elif isinstance(obj, list):
+            todo.extend((value, (*path, i), depth + 1) for i, value in enumerate(obj))
+    return None
+
+
+def host_allowed(host_header: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a request's Host header names this server.  IP literals and
+    localhost are always fine (DNS rebinding needs a domain name that an
+    attacker controls); other names only when listed (``*`` allows any)."""
+    if not host_header:
+        return True  # HTTP/1.0 without Host: not a browser
+    if "*" in allowed:
+        return True
+    h = host_header.strip().lower()
+    if h.startswith("["):  # [ipv6]:port
+        name = h[1 : h.find("]")] if "]" in h else h
+    else:
+        name = h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    name = name.rstrip(".")
+    if name == "localhost" or name in allowed:
+        return True
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: the Host header (DNS
+    rebinding), the API key, and the body size, counted while the body is
+    read, so a chunked body without Content-Length is refused too.  The body
+    is read here (at most MAX_BODY_BYTES) and handed on; after it, the
+    application receives the client's own messages, so a disconnect is seen."""
+
+    def __init__(self, app, *, api_key: str | None, allowed_hosts: tuple[str, ...], error_response):
+        self.app, self.api_key, self.allowed_hosts, self.error_response = app, api_key, allowed_hosts, error_response
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        refuse = None
+        if not host_allowed(headers.get("host"), self.allowed_hosts):
+            refuse = self.error_response(
+                421, f"the Host header {headers.get('host')!r} does not name this server (start it with --allowed-host NAME to allow it)",
+                "invalid_request_error", code="host_not_allowed")
+        elif self.api_key is not None and scope["method"] != "OPTIONS":
+            scheme, _, value = headers.get("authorization", "").partition(" ")
+            value = value.strip()
+            if scheme.lower() != "bearer" or not value or not hmac.compare_digest(value.encode(), self.api_key.encode()):
+                refuse = self.error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error",
+                                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if refuse is None:
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+                refuse = self._too_large()
+        if refuse is not None:
+            return await refuse(scope, receive, send)
+        body = bytearray()
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                if len(body) > MAX_BODY_BYTES:
+                    return await self._too_large()(scope, receive, send)
+                if not message.get("more_body", False):
+                    break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, replay, tracked_send)
+        except Exception:  # errors escaping the handlers: never a traceback to the client
+            _log.exception("unexpected error while serving %s", scope.get("path"))
+            if not started:
+                await self.error_response(500, "internal server error", "server_error")(scope, receive, send)
+
+    def _too_large(self):
+        return self.error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
+
+
+def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, chat_template: ChatTemplate | None = None,
+               allowed_hosts=(), cors_origins=()):
     """The FastAPI application serving ``engine`` under the name ``model_name``.
 
     The engine is started and stopped with the application (its lifespan).
+    ``api_key``: required as ``Authorization: Bearer KEY`` (an empty key is an
+    error).  ``allowed_hosts``: domain names the Host header may carry besides
+    IP addresses and localhost (``*``: any).  ``cors_origins``: browser origins
+    allowed to call the API (none by default).
     """
     _require_fastapi()
+    if api_key is not None and not api_key.strip():
+        raise RwkvkitError("the API key is empty: give a non-empty key, or none to serve without one")
+    allowed_hosts = tuple(h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip())
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -96,7 +235,9 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
 
     # ------------------------------------------------------------- schemas
     class Strict(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        # strict: "0.5" is not a number and true is not an integer (JSON
+        # integers are still accepted for floats).
+        model_config = ConfigDict(extra="forbid", strict=True)
 
     class StreamOptions(Strict):
         include_usage: bool = False
@@ -113,7 +254,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         stop: str | list[str] | None = None
         presence_penalty: float = Field(default=0.0, ge=-2, le=2)
         frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-        seed: int | None = None
+        seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
         user: str | None = None
         logit_bias: dict[str, float] | None = None
         # rwkvkit extensions (send them with the openai client's extra_body).
@@ -144,8 +285,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
 
     # -------------------------------------------------------------- errors
     class ApiError(Exception):
-        def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None,
+                     headers: dict | None = None):
             self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+            self.headers = headers
 
     def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None):
         body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -163,7 +306,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -196,21 +339,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         _log.exception("unexpected error while serving %s", request.url.path)
         return error_response(500, "internal server error", "server_error")
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if api_key is not None:
-            got = request.headers.get("authorization", "")
-            scheme, _, value = got.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), api_key.encode()):
-                return error_response(401, "invalid or missing API key (send 'Authorization: Bearer KEY')", "authentication_error", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes", "invalid_request_error")
-        try:
-            return await call_next(request)
-        except Exception:  # errors escaping the handlers: never a traceback to the client
-            _log.exception("unexpected error while serving %s", request.url.path)
-            return error_response(500, "internal server error", "server_error")
+    app.add_middleware(_Guard, api_key=api_key, allowed_hosts=allowed_hosts, error_response=error_response)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        # Outermost, so that preflight requests (which carry no API key) are answered.
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"], max_age=600)
 
     # ----------------------------------------------------------- helpers
     def check_model(name: str) -> None:
@@ -250,6 +385,8 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             raise ApiError(
                 400, f"the prompt has {len(ids)} tokens, this server accepts at most {engine.config.max_prompt_tokens}", param="prompt", code="context_length_exceeded"
             )
+        if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:
+            raise ApiError(400, f"seed: choice i uses seed + i, so seed + n - 1 must be at most {SEED_MAX}", param="seed")
         if body.n > engine.config.max_batch:
             raise ApiError(400, f"n is {body.n}, this server allows at most {engine.config.max_batch}", param="n")
         want_logprobs = getattr(body, "logprobs", None)
@@ -304,7 +441,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         try:
             engine.submit(req)
         except QueueFull as exc:
-            raise ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from None
+            raise ApiError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineStopped as exc:
             raise ApiError(503, str(exc), "service_unavailable") from None
         except RwkvkitError as exc:
@@ -317,16 +454,23 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         queued up while the consumer was busy comes out merged (one SSE chunk
         instead of many when the server is loaded)."""
         done = 0
+        next_poll = time.monotonic() + DISCONNECT_POLL_S
         while done < req.n:
             if request is None:
                 first = await queue.get()
             else:
+                # Polled on a clock, not only when no event came: a request
+                # that keeps producing text must notice its client leaving too.
                 try:
-                    first = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                    first = await asyncio.wait_for(queue.get(), max(0.0, next_poll - time.monotonic()))
                 except asyncio.TimeoutError:
+                    first = None
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + DISCONNECT_POLL_S
                     if await request.is_disconnected():
                         req.cancel()
                         return
+                if first is None:
                     continue
             batch = [first]
             while not queue.empty():
@@ -362,8 +506,13 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             data = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        problem = _json_problem(data)
+        if problem is not None:
+            raise ApiError(400, problem[0], param=problem[1])
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

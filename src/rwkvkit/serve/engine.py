@@ -219,19 +219,35 @@ class Engine:
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> "Engine":
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread = None  # ended (stopped, or failed): a new one may start
         if self._thread is None:
             self._stopping = False
+            self.error = None
             self._thread = threading.Thread(target=self._loop, name="rwkvkit-scheduler", daemon=True)
             self._thread.start()
+        elif self._stopping:
+            # Two schedulers must never share the model and the batch.
+            raise RwkvkitError("the previous scheduler thread is still running (finishing a step); call stop() again and retry")
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Ask the scheduler to end and wait up to ``timeout`` seconds; True
+        once it has ended.  A thread still inside a step after the timeout is
+        kept (False): a later stop() waits for it again and start() refuses to
+        run a second one beside it."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            _log.warning("the scheduler thread did not end within %.1f s (inside a decoding step)", timeout)
+            return False
+        self._thread = None
+        return True
 
     @property
     def running(self) -> bool:
