@@ -310,7 +310,7 @@ def test_info_rwkv7(capsys):
     assert rc == 0 and "RWKV-4 only" not in out
     rows = {line.split("  ", 1)[0].strip(): line.split("  ", 1)[1].strip() for line in out.splitlines() if "  " in line}
     assert rows["generation"] == "RWKV-7 (Goose)"
-    assert rows["heads"] == "1 x 64"
+    assert rows["heads"] == "1 x 64 (head_size 64)"
     assert rows["LoRA ranks"] == "decay 32, a 32, v 32, gate 32"
     assert rows["state size"] == "202,752 bytes per sequence"
 

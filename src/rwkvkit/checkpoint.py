@@ -446,8 +446,10 @@ def _read_hf(path: Path, meta: bool) -> Checkpoint:
         gen = {"rwkv5": "RWKV-5 (Eagle)", "rwkv6": "RWKV-6 (Finch)"}.get(mtype)
         known = ", ".join(f"'{t}' ({lay.architecture})" for t, lay in HF_MODEL_TYPES.items())
         if gen:
-            runs = ", ".join(models.NICKNAMES[g] for g in sorted(models.REGISTRY))
-            raise UnsupportedModelError(f"'{path}' is an {gen} Hugging Face model (model_type '{mtype}'); rwkvkit runs {runs}")
+            raise UnsupportedModelError(
+                f"'{path}' is an {gen} Hugging Face model (model_type '{mtype}'); rwkvkit reads Hugging Face folders "
+                f"of model_type {', '.join(repr(t) for t in HF_MODEL_TYPES)} only: load the official .pth instead"
+            )
         raise CheckpointError(f"'{path / CONFIG}' has model_type {mtype!r} (architectures {archs}); expected one of {known}")
     files: list[Path]
     if (path / "model.safetensors").is_file():

@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_convert)
 
 
+# Config fields that are LoRA ranks (RWKV-6: d_mix, d_decay; RWKV-7: d_decay, d_aaa, d_mv, d_gate) and their labels.
+_LORA_RANKS = (("d_mix", "mix"), ("d_decay", "decay"), ("d_aaa", "a"), ("d_mv", "v"), ("d_gate", "gate"))
+
+
 def _human(n: int) -> str:
     size = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -70,9 +74,11 @@ def run_info(args: argparse.Namespace) -> int:
         if key in info:
             rows.append((key, str(info[key])))
     if "head_size" in info:
-        rows.append(("heads", f"{info['n_embd'] // info['head_size']} x {info['head_size']}"))
-    if "d_decay" in info:
-        rows.append(("LoRA ranks", f"decay {info['d_decay']}, a {info['d_aaa']}, v {info['d_mv']}, gate {info['d_gate']}"))
+        width = info.get("dim_att", info["n_embd"])
+        rows.append(("heads", f"{width // info['head_size']} x {info['head_size']} (head_size {info['head_size']})"))
+    ranks = [(label, info[key]) for key, label in _LORA_RANKS if key in info]
+    if ranks:
+        rows.append(("LoRA ranks", ", ".join(f"{label} {value}" for label, value in ranks)))
     if "quantization" in info:
         rows.append(("quantization", info["quantization"]))
     rows.append(("dtypes", ", ".join(f"{k} ({v:,} values)" for k, v in info["dtypes"].items())))
