@@ -25,6 +25,13 @@ on the prompt.
 
     .venv/bin/python benchmarks/bench_inference.py                  # both shapes, 2 threads
     .venv/bin/python benchmarks/bench_inference.py --shape 169m --threads 2 --tokens 512
+    .venv/bin/python benchmarks/bench_inference.py --generation 7 --shape 0.1b --threads 2
+
+With --generation 7 the shapes are RWKV-7's ("0.1b": 12 x 768, "0.4b": 24 x
+1024, vocabulary 65536, LoRA ranks 64/64/32/128 for w/a/v/g), the `rwkv`
+package runs its RWKV_x070 (RWKV_V7_ON=1 must be set before it is imported,
+and switches the whole process, so it runs in a child process of this script
+with the same weights, tokens, threads and timing), and there is no HF row.
 """
 
 from __future__ import annotations
@@ -44,12 +51,20 @@ SHAPES = {
     # A smaller one, same vocabulary.
     "small": dict(n_layer=6, n_embd=512, vocab_size=50277),
 }
+# RWKV-7 (World vocabulary; LoRA ranks of the released 0.1B/0.4B files).
+_LORA7 = dict(d_decay=64, d_aaa=64, d_mv=32, d_gate=128)
+SHAPES7 = {
+    "0.1b": dict(n_layer=12, n_embd=768, vocab_size=65536, **_LORA7),
+    "0.4b": dict(n_layer=24, n_embd=1024, vocab_size=65536, **_LORA7),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--shape", choices=["169m", "small", "both"], default="both", help="model shape (default both)")
+    p.add_argument("--generation", choices=["4", "7"], default="4", help="RWKV generation (default 4)")
+    p.add_argument("--shape", choices=["169m", "small", "0.1b", "0.4b", "both"], default="both",
+                   help="model shape: 169m/small (generation 4), 0.1b/0.4b (generation 7); default both of the generation's")
     p.add_argument("--tokens", type=int, default=512, help="prompt length T (default 512)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per timed decode run (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is printed (default 5)")
@@ -57,7 +72,13 @@ def parse_args(argv=None):
     p.add_argument("--pip-jit", choices=["0", "1"], default="1", help="RWKV_JIT_ON for the rwkv package (default 1)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pip", "hf", "int8", "ceilings"], help="leave these out")
     p.add_argument("--huge-pages", action="store_true", help="rwkvkit's decoder asks for 2 MiB pages (Linux; runtime.accelerate(model, huge_pages=True))")
-    return p.parse_args(argv)
+    p.add_argument("--pip7-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.pip7_worker is None:
+        shapes = SHAPES7 if args.generation == "7" else SHAPES
+        if args.shape != "both" and args.shape not in shapes:
+            p.error(f"--shape {args.shape} is not a generation-{args.generation} shape (choose from {', '.join(shapes)})")
+    return args
 
 
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
@@ -114,6 +135,26 @@ def weight_counts(cfg) -> tuple[int, int]:
     return L * (4 * C * A + 2 * C * F + C * C), V * C
 
 
+def weight_counts7(cfg) -> tuple[int, int, int]:
+    """RWKV-7: (weights of the blocks' projection matrices, of the LoRAs a decode step reads, of the head).
+    Layer 0 reads no value-residual LoRA."""
+    C, F, V, L = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer
+    lora = L * C * 2 * (cfg.d_decay + cfg.d_aaa + cfg.d_mv + cfg.d_gate) - 2 * C * cfg.d_mv
+    return L * (4 * C * C + 2 * C * F), lora, V * C
+
+
+def decode_bytes7(cfg, int8: bool) -> int:
+    """RWKV-7 bytes per decoded token: the matrices (projections and head int8
+    with one fp32 scale per row under int8; the LoRAs stay fp32), one
+    embedding row, the per-channel vectors and the state (read and written)."""
+    blocks, lora, head = weight_counts7(cfg)
+    C, L = cfg.n_embd, cfg.n_layer
+    rows = L * (5 * C + cfg.dim_ffn) + cfg.vocab_size
+    matrices = (blocks + head) * (1 if int8 else 4) + (rows * 4 if int8 else 0) + lora * 4
+    vectors = (L * 19 * C + 2 * C) * 4
+    return matrices + C * 4 + vectors + 2 * cfg.state_bytes_per_sequence
+
+
 def decode_bytes(cfg, int8: bool) -> int:
     """Bytes read from memory per decoded token: every matrix once, one embedding row,
     the per-channel vectors and the state (read and written)."""
@@ -160,6 +201,60 @@ class PipRunner:
         return out
 
 
+class Pip7Runner:
+    """The `rwkv` package's RWKV_x070 in a child process (see pip7_worker):
+    constructed with the checkpoint, run() times everything at once."""
+
+    def __init__(self, torch, sd, tmp: Path):
+        self.torch, self.tmp = torch, tmp
+        self.path = tmp / "pip7.pth"
+        torch.save(sd, self.path)
+
+    def run(self, args, prompt, steps) -> tuple[dict, object]:
+        import subprocess
+
+        job, out = self.tmp / "pip7-job.pt", self.tmp / "pip7-out.pt"
+        self.torch.save({"path": str(self.path), "threads": args.threads, "prompt": prompt, "steps": steps,
+                         "repeats": args.repeats, "prompt_repeats": args.prompt_repeats}, job)
+        env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON=args.pip_jit, RWKV_CUDA_ON="0")
+        proc = subprocess.run([sys.executable, __file__, "--pip7-worker", str(job), str(out)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"the rwkv package's RWKV-7 run failed:\n{proc.stderr[-3000:]}")
+        res = self.torch.load(out)
+        self.path.unlink()
+        return res["rates"], res["logits"]
+
+
+def pip7_worker(job_path: str, out_path: str) -> None:
+    """Child process: RWKV_V7_ON=1 is in the environment before rwkv.model is imported."""
+    assert os.environ.get("RWKV_V7_ON") == "1"
+    import torch
+
+    job = torch.load(job_path)
+    torch.set_num_threads(job["threads"])
+    from rwkv.model import RWKV as PipRWKV
+
+    model = PipRWKV(model=job["path"].removesuffix(".pth"), strategy="cpu fp32")
+    prompt, steps = job["prompt"], job["steps"]
+
+    def decode(tokens):
+        state = None
+        for t in tokens:
+            _, state = model.forward([t], state)
+
+    rates, box = {}, {}
+    with torch.no_grad():
+        decode(steps[:4])  # warm-up (JIT profiling)
+        rates["decode"] = len(steps) / median_time(lambda: decode(steps), job["repeats"], warmup=0)
+        for mode, last in (("prompt-all", False), ("prompt-last", True)):
+            def run():
+                box[mode] = model.forward(list(prompt), None, full_output=not last)[0]
+
+            rates[mode] = len(prompt) / median_time(run, job["prompt_repeats"], warmup=1)
+    torch.save({"rates": rates, "logits": box["prompt-all"].float().reshape(len(prompt), -1)}, out_path)
+
+
 class HFRunner:
     def __init__(self, torch, sd, cfg):
         from transformers import RwkvConfig, RwkvForCausalLM
@@ -193,6 +288,104 @@ class HFRunner:
 
 
 # ----------------------------------------------------------------- measuring
+def bench_shape7(torch, name: str, args, tmp: Path, ceilings: dict | None) -> None:
+    from rwkvkit import runtime
+    from rwkvkit.init import random_state_dict
+    from rwkvkit.models.rwkv7 import RWKV7, RWKV7Config
+    from rwkvkit.ops.wkv7 import resolve_backend
+    from rwkvkit.runtime import infer_cpu
+
+    cfg = RWKV7Config(**SHAPES7[name])
+    sd = random_state_dict(cfg, seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (args.tokens,), generator=g).tolist()
+    steps = torch.randint(0, cfg.vocab_size, (args.decode_tokens,), generator=g).tolist()
+
+    runners: dict[str, object] = {}
+    fp32 = RWKV7(cfg)
+    fp32.load_state_dict(sd)
+    runners["rwkvkit fp32"] = RwkvkitRunner(torch, runtime.accelerate(fp32.eval(), huge_pages=args.huge_pages))
+    if "int8" not in args.skip:
+        int8 = RWKV7(cfg)
+        int8.load_state_dict(sd)
+        runners["rwkvkit int8"] = RwkvkitRunner(torch, runtime.accelerate(runtime.quantize_int8(int8.eval()), huge_pages=args.huge_pages))
+    pip = Pip7Runner(torch, sd, tmp) if "pip" not in args.skip else None
+    del sd
+
+    blocks, lora, head = weight_counts7(cfg)
+    print(f"\n== RWKV-7 shape {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, head size {cfg.head_size}, vocab {cfg.vocab_size}, "
+          f"LoRA ranks w/a/v/g {cfg.d_decay}/{cfg.d_aaa}/{cfg.d_mv}/{cfg.d_gate}, {cfg.num_params / 1e6:.1f}M parameters; "
+          f"prompt T={args.tokens}, decode {args.decode_tokens} tokens/run")
+    print(f"   weights read per decoded token: fp32 {decode_bytes7(cfg, False) / 1e6:.0f} MB, int8 {decode_bytes7(cfg, True) / 1e6:.0f} MB; "
+          f"WKV-7 backend for prompts: {resolve_backend('auto')}; "
+          f"fused decoder: {'yes' if infer_cpu.load_extension() is not None else 'NO (plain PyTorch step)'}")
+
+    rows: dict[str, dict[str, float]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for label, r in runners.items():
+            res = {}
+            r.decode(steps[:4])  # warm-up (plan building, extension build)
+            res["decode"] = args.decode_tokens / median_time(lambda: r.decode(steps), args.repeats, warmup=0)
+            for mode, last in (("prompt-all", False), ("prompt-last", True)):
+                box = {}
+
+                def run():
+                    box["out"] = r.prompt(prompt, last)
+
+                res[mode] = args.tokens / median_time(run, args.prompt_repeats, warmup=1)
+                if not last:
+                    outputs[label] = box["out"].float().reshape(args.tokens, -1)
+            rows[label] = res
+            print(f"   {label:<14} decode {res['decode']:8.1f}   prompt-all {res['prompt-all']:8.1f}   "
+                  f"prompt-last {res['prompt-last']:8.1f} tok/s", flush=True)
+    if pip is not None:
+        rows["rwkv pkg"], outputs["rwkv pkg"] = pip.run(args, prompt, steps)
+        res = rows["rwkv pkg"]
+        print(f"   {'rwkv pkg':<14} decode {res['decode']:8.1f}   prompt-all {res['prompt-all']:8.1f}   "
+              f"prompt-last {res['prompt-last']:8.1f} tok/s   (RWKV_x070, cpu fp32, own process)", flush=True)
+
+    if ceilings is not None:
+        # Re-measured right after this shape's runs: the machine's bandwidth moves.
+        bw = max(ceilings["bandwidth"], measure_bandwidth(torch, args.repeats))
+        rate = ceilings["matmul"]
+        print(f"   bandwidth for this shape's ceilings: {bw:.1f} GB/s (best of the start and a re-measure now)")
+        rows["ceiling fp32"] = {
+            "decode": bw * 1e9 / decode_bytes7(cfg, int8=False),
+            "prompt-all": rate * 1e9 / (2 * (blocks + lora + head)),
+            "prompt-last": rate * 1e9 / (2 * (blocks + lora)),
+        }
+        rows["ceiling int8"] = {"decode": bw * 1e9 / decode_bytes7(cfg, int8=True)}
+    print_tables(torch, rows, outputs, args)
+
+
+def print_tables(torch, rows, outputs, args) -> None:
+    cols = ("decode", "prompt-all", "prompt-last")
+    print(f"\n   {'tokens/s':<16}" + "".join(f"{c:>14}" for c in cols))
+    for label, res in rows.items():
+        print(f"   {label:<16}" + "".join(f"{res[c]:14.1f}" if c in res else f"{'':>14}" for c in cols))
+    print(f"\n   {'ratio':<28}" + "".join(f"{c:>14}" for c in cols))
+    pairs = [("rwkvkit fp32 / rwkv pkg", "rwkvkit fp32", "rwkv pkg"), ("rwkvkit fp32 / HF", "rwkvkit fp32", "HF"),
+             ("rwkvkit fp32 / ceiling", "rwkvkit fp32", "ceiling fp32"),
+             ("rwkvkit int8 / rwkv pkg", "rwkvkit int8", "rwkv pkg"),
+             ("rwkvkit int8 / int8 ceiling", "rwkvkit int8", "ceiling int8"),
+             ("rwkvkit int8 / rwkvkit fp32", "rwkvkit int8", "rwkvkit fp32")]
+    for text, a, b in pairs:
+        if a in rows and b in rows:
+            ra, rb = rows[a], rows[b]
+            print(f"   {text:<28}" + "".join(f"{ra[c] / rb[c]:14.2f}" if c in ra and c in rb else f"{'':>14}" for c in cols))
+    if "rwkvkit int8" in outputs:
+        ref, got = outputs["rwkvkit fp32"], outputs["rwkvkit int8"]
+        d = (ref - got).abs()
+        top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+        print(f"\n   int8 vs fp32 logits over the {args.tokens}-token prompt: max |diff| {d.max().item():.4f}, "
+              f"mean |diff| {d.mean().item():.5f} (logit std {ref.std().item():.3f}), top-1 agreement {100 * top1:.1f}%")
+    for other in ("rwkv pkg", "HF"):
+        if other in outputs:
+            diff = (outputs["rwkvkit fp32"] - outputs[other]).abs().max().item()
+            print(f"   rwkvkit fp32 vs {other} logits: max |diff| {diff:.2e}")
+
+
 def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> None:
     from rwkvkit import ops, runtime
     from rwkvkit.init import random_state_dict
@@ -288,6 +481,8 @@ def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> Non
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.pip7_worker is not None:
+        return pip7_worker(*args.pip7_worker)
     # The rwkv package reads these when it is imported.
     os.environ["RWKV_JIT_ON"] = args.pip_jit
     os.environ["RWKV_CUDA_ON"] = "0"
@@ -311,10 +506,14 @@ def main(argv=None) -> None:
         mm = measure_matmul(torch, args.repeats)
         ceilings = {"bandwidth": bw, "matmul": mm}
         print(f"memory bandwidth {bw:.1f} GB/s (best of sum and mv over a 512 MiB tensor); fp32 matmul {mm:.1f} GFLOP/s (2048^3 torch.mm)")
-    shapes = ["169m", "small"] if args.shape == "both" else [args.shape]
+    table = SHAPES7 if args.generation == "7" else SHAPES
+    shapes = list(table) if args.shape == "both" else [args.shape]
+    bench = bench_shape7 if args.generation == "7" else bench_shape
+    if args.generation == "7":
+        args.skip = [*args.skip, "hf"]  # transformers has no RWKV-7
     with tempfile.TemporaryDirectory() as tmp:
         for name in shapes:
-            bench_shape(torch, name, args, Path(tmp), ceilings)
+            bench(torch, name, args, Path(tmp), ceilings)
     if ceilings is not None:
         bw2, mm2 = measure_bandwidth(torch, args.repeats), measure_matmul(torch, args.repeats)
         print(f"\nceilings re-measured at the end: {bw2:.1f} GB/s, {mm2:.1f} GFLOP/s (a large change means a noisy machine)")

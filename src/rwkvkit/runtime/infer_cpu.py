@@ -1,6 +1,6 @@
 """The fused CPU decoder: one C++ call per generated token (``csrc/infer_cpu.cpp``).
 
-An RWKV-4 model's ``forward`` uses it for T == 1 on the CPU when no gradient
+An RWKV-4 or RWKV-7 model's ``forward`` uses it for T == 1 on the CPU when no gradient
 is recorded and the weights are float32 (or int8, see
 :mod:`rwkvkit.runtime.quant`), once :func:`rwkvkit.runtime.accelerate` has
 attached it.  The extension is built on first use with
@@ -43,6 +43,13 @@ _build_seconds: float | None = None
 # Per-layer table layout, mirrored from the C++ `Slot` enum.
 _LN1_W, _LN1_B, _LN2_W, _LN2_B, _W, _U, _ATT_MK, _ATT_MV, _ATT_MR, _FFN_MK, _FFN_MR, _LIN0 = range(12)
 LAYER_SLOTS = _LIN0 + 7 * 5
+# RWKV-7: 19 vectors, then 14 linears x 5 slots (the C++ `Slot7` / `Lin7` enums).
+V7_VECTORS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.x_r", "att.x_w", "att.x_k", "att.x_v",
+              "att.x_a", "att.x_g", "att.w0", "att.a0", "att.v0", "att.k_k", "att.k_a", "att.r_k",
+              "att.ln_x.weight", "att.ln_x.bias", "ffn.x_k")
+V7_LINEARS = ("receptance", "key", "value", "output", "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2",
+              "ffn.key", "ffn.value")
+V7_SLOTS = len(V7_VECTORS) + 5 * len(V7_LINEARS)
 # Above this batch the matrix-matrix products are large enough for the BLAS
 # (the PyTorch step) to be faster than the fused kernel's row-block products
 # (measured on the 169M shape: even at 64, ahead at 128).
@@ -69,9 +76,12 @@ def load_extension(force_fail: bool = False):
 
         start = time.perf_counter()
         _log.info("building the fused CPU decoder (first use on this machine)")
-        ext = build_extension("rwkvkit_infer_cpu_v2", [str(_SOURCE)], _CFLAGS, "fused C++ decoder")
-        if ext.layer_slots() != LAYER_SLOTS:
-            raise RuntimeError(f"table layout mismatch: C++ has {ext.layer_slots()} slots per layer, Python {LAYER_SLOTS}")
+        ext = build_extension("rwkvkit_infer_cpu_v3", [str(_SOURCE)], _CFLAGS, "fused C++ decoder")
+        if ext.layer_slots() != LAYER_SLOTS or ext.layer_slots7() != V7_SLOTS:
+            raise RuntimeError(
+                f"table layout mismatch: C++ has {ext.layer_slots()}/{ext.layer_slots7()} slots per layer, "
+                f"Python {LAYER_SLOTS}/{V7_SLOTS}"
+            )
         _build_seconds = time.perf_counter() - start
         _ext = ext
     except Exception as exc:  # any failure means: fall back, say why once
@@ -284,11 +294,111 @@ def use_huge_pages(tensors, enabled: bool = True) -> int:
     return done
 
 
+class DecodePlan7(DecodePlan):
+    """RWKV-7's pointer table.  The LoRA matrices are stored [in, out] and used
+    as ``x @ w1``; the table points at transposed contiguous copies ([out, in],
+    made here once), so the C++ side runs every product with the same
+    row-major kernels.  Those copies are derived values: an in-place change to
+    a LoRA matrix (its ``_version``) rebuilds the plan, as does a moved tensor."""
+
+    def __init__(self, model, huge_pages: bool = False):
+        cfg = model.config
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        _install_hooks()
+        self.generation = _registrations
+        self.ok = False
+        watch: list[torch.Tensor] = []
+        derived: list[torch.Tensor] = []
+        keep: list[torch.Tensor] = []
+        rows = []
+        for l, block in enumerate(model.blocks):
+            att, ffn = block.att, block.ffn
+            vres = l > 0  # layer 0's v0/v1/v2 (if stored) are unused
+            row = []
+            for name in V7_VECTORS:
+                if name == "att.v0" and not vres:
+                    row.append(0)
+                    continue
+                t = _get(block, name)
+                if not _usable(t, C):
+                    return self._decline(watch, derived)
+                watch.append(t)
+                keep.append(t)
+                row.append(t.data_ptr())
+            for name in V7_LINEARS:
+                if name in ("v1", "v2") and not vres:
+                    row += [0, 0, 0, 0, 0]
+                    continue
+                if name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
+                    src = getattr(att, name, None)
+                    if not isinstance(src, torch.Tensor) or src.dtype != torch.float32 or src.device.type != "cpu" or src.dim() != 2:
+                        return self._decline(watch, derived)
+                    watch.append(src)
+                    derived.append(src)
+                    t = src.detach().t().contiguous()  # [out, in]
+                    keep.append(t)
+                    entry = [t.data_ptr(), 0, t.shape[0], t.shape[1], 0]
+                    want_in = C if name.endswith("1") else None
+                    if want_in is not None and t.shape[1] != C or name.endswith("2") and t.shape[0] != C:
+                        return self._decline(watch, derived)
+                else:
+                    m = att if name in ("receptance", "key", "value", "output") else ffn
+                    m = getattr(m, name.split(".")[-1])
+                    watch += _linear_tensors(m)
+                    entry = _linear_entry(m, keep)
+                    n_out = cfg.dim_ffn if name == "ffn.key" else C
+                    n_in = cfg.dim_ffn if name == "ffn.value" else C
+                    if entry is None or tuple(entry[2:4]) != (n_out, n_in):
+                        return self._decline(watch, derived)
+                row += entry
+            # Each LoRA's second half reads what its first half wrote: rank must agree.
+            lin = lambda j: row[len(V7_VECTORS) + 5 * j : len(V7_VECTORS) + 5 * j + 5]  # noqa: E731
+            for j in (4, 6, 8, 10):
+                if lin(j)[0] and lin(j)[2] != lin(j + 1)[3]:
+                    return self._decline(watch, derived)
+            rows.append(row)
+        watch += [model.ln_out.weight, model.ln_out.bias] + _linear_tensors(model.head)
+        self._decline(watch, derived)  # records what to watch; ok stays False until the end
+        head = _linear_entry(model.head, keep)
+        lnw, lnb = model.ln_out.weight, model.ln_out.bias
+        if head is None or tuple(head[2:4]) != (cfg.vocab_size, C) or not (_usable(lnw, C) and _usable(lnb, C)):
+            return
+        keep += [lnw, lnb]
+        self.table = torch.tensor(rows, dtype=torch.int64)  # [L, V7_SLOTS]
+        assert self.table.shape == (cfg.n_layer, V7_SLOTS)
+        self.head = torch.tensor(head, dtype=torch.int64)
+        self.ln_out = (lnw.data_ptr(), lnb.data_ptr())
+        self.keep = keep
+        self.ok = True
+        self.huge_bytes = use_huge_pages((t for t in keep if t.dim() == 2 and t.numel() >= C * C), enabled=huge_pages)
+
+    def _decline(self, watch, derived) -> None:
+        # Even an unusable plan is cached (so the check is not redone every
+        # token) and must notice when its model changes.
+        self.watch, self.derived = list(watch), list(derived)
+        self.ptrs = tuple(t.data_ptr() for t in self.watch)
+        self.versions = tuple(t._version for t in self.derived)
+
+
+def _get(module, dotted: str):
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+def _usable(t, n: int) -> bool:
+    return (
+        isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+        and t.numel() == n and t.is_contiguous()
+    )
+
+
 def plan_for(model, huge_pages: bool = False) -> DecodePlan | None:
     """The model's cached plan, rebuilt if any watched tensor changed; None if unusable."""
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.current():
-        plan = DecodePlan(model, huge_pages)
+        cls = DecodePlan7 if model.config.generation == "7" else DecodePlan
+        plan = cls(model, huge_pages)
         model._decode_plan = plan
     return plan if plan.ok else None
 
@@ -302,6 +412,8 @@ def step(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool
     """
     from ..state import State
 
+    if model.config.generation == "7":
+        return _step7(model, tokens, state, want_logits, huge_pages)
     if model.config.generation != "4" or tokens.device.type != "cpu" or tokens.shape[0] > MAX_BATCH:
         return None
     ext = load_extension()
@@ -335,6 +447,38 @@ def step(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool
         plan.ln_out[0], plan.ln_out[1], plan.head.data_ptr(),
         logits.data_ptr() if logits is not None else 0,
         cfg.rescale_every, float(cfg.layer_norm_eps),
+    )
+    return (logits.unsqueeze(1) if logits is not None else None), dst
+
+
+def _step7(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool):
+    """RWKV-7's fused step (C++ ``step7``); None when it cannot run this call."""
+    from ..state import MatrixState
+
+    if tokens.device.type != "cpu" or tokens.shape[0] > MAX_BATCH:
+        return None
+    ext = load_extension()
+    if ext is None:
+        return None
+    plan = plan_for(model, huge_pages)
+    if plan is None:
+        return None
+    cfg = model.config
+    B = tokens.shape[0]
+    C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
+    x = model.embed(tokens[:, :1])[:, 0].float().contiguous()  # [B, C], updated in place by the kernel
+    src = [t.float().contiguous() for t in (state.att_x, state.att_kv, state.ffn_x)]
+    dst = MatrixState(
+        att_x=torch.empty(L, B, C), att_kv=torch.empty(L, B, H, N, N), ffn_x=torch.empty(L, B, C), generation="7"
+    )
+    logits = torch.empty(B, cfg.vocab_size) if want_logits else None
+    ext.step7(
+        plan.table.data_ptr(), L, B, C, H, N, x.data_ptr(),
+        *(t.data_ptr() for t in src),
+        dst.att_x.data_ptr(), dst.att_kv.data_ptr(), dst.ffn_x.data_ptr(),
+        plan.ln_out[0], plan.ln_out[1], plan.head.data_ptr(),
+        logits.data_ptr() if logits is not None else 0,
+        float(cfg.layer_norm_eps), float(cfg.group_norm_eps),
     )
     return (logits.unsqueeze(1) if logits is not None else None), dst
 

@@ -43,7 +43,9 @@ struct Lin {
   int64_t n, k, kind;
 };
 
-enum Act { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_RELU_SQ = 2 };
+// Epilogues of a matrix-vector job.  The last three are RWKV-7's LoRA
+// activations; LOGW is its log-decay -exp(-0.5) * sigmoid(bias + y).
+enum Act { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_RELU_SQ = 2, ACT_TANH = 3, ACT_SIGMOID_BIAS = 4, ACT_LOGW = 5 };
 
 constexpr int RB = 8;  // weight rows per scheduled block
 constexpr int KR = 4;  // weight rows per kernel call: each weight is loaded once for all batch rows
@@ -257,12 +259,22 @@ BlockFn block_fn() {
 
 inline float sigmoidf(float x) { return 1.f / (1.f + std::exp(-x)); }
 
+// exp(-0.5) as a float: RWKV-7's decay is w = exp(-exp(-0.5) * sigmoid(w_hat)).
+constexpr float DECAY_SCALE = 0.60653065971263342f;
+
+inline float act7(int act, float v) {
+  if (act == ACT_TANH) return std::tanh(v);
+  if (act == ACT_SIGMOID_BIAS) return sigmoidf(v);
+  return -DECAY_SCALE * sigmoidf(v);  // ACT_LOGW
+}
+
 // A matrix-vector job: y[B, n] = act(x[B, k] @ W^T) (int8: times the row scales).
 struct Job {
   const Lin* L;
   const float* x;
   float* y;
   int act;
+  const float* bias = nullptr;  // per output row, added before the activation (RWKV-7's w0, a0, v0)
 };
 
 // Runs inside an OpenMP parallel region: the row blocks of all jobs are shared
@@ -292,6 +304,7 @@ void run_jobs(const Job* jobs, int njobs, int64_t B, BlockFn fn) {
           float v = res[r * BT + b] * sc;
           if (J.act == ACT_SIGMOID) v = sigmoidf(v);
           else if (J.act == ACT_RELU_SQ) v = v > 0.f ? v * v : 0.f;
+          else if (J.act > ACT_RELU_SQ) v = act7(J.act, J.bias ? J.bias[row0 + r] + v : v);
           J.y[(b0 + b) * L.n + row0 + r] = v;
         }
       }
@@ -478,6 +491,284 @@ void step(int64_t table, int64_t n_layer, int64_t B, int64_t C, int64_t A, int64
   }
 }
 
+// ===================================================================== RWKV-7
+// One RNN step of the whole RWKV-7 model (rwkvkit/models/rwkv7.py, TimeMix and
+// ChannelMix for T = 1; the WKV step of rwkvkit/ops/wkv7 wkv7_step), with the
+// same matrix-vector kernels, schedule and ISA choice as the RWKV-4 step.  Per
+// layer: LN1 and the six token-shift mixes; one parallel pass over r, k, v and
+// the first halves of the four LoRAs (w, a, g and, after layer 0, v); one over
+// the second halves (with their biases and activations fused); the per-head
+// part (value residual, kappa, k_tilde, the WKV-7 state update, GroupNorm, the
+// r_k bonus, the output gate) shared out over (batch row, head); the output
+// projection; LN2, the channel mix's two products.  The LoRA matrices arrive
+// transposed ([out, in], done once by infer_cpu.py), so every product is a
+// row-major matrix-vector product.
+
+// Per-layer table written by infer_cpu.py (V7_SLOTS int64 each).
+enum Slot7 {
+  V7_LN1_W, V7_LN1_B, V7_LN2_W, V7_LN2_B,
+  V7_X_R, V7_X_W, V7_X_K, V7_X_V, V7_X_A, V7_X_G,
+  V7_W0, V7_A0, V7_V0, V7_K_K, V7_K_A, V7_R_K, V7_LNX_W, V7_LNX_B, V7_FFN_XK,
+  V7_LIN0,  // 14 linears x 5 slots, in the order of Lin7
+  V7_SLOTS = V7_LIN0 + 14 * 5,
+};
+enum Lin7 { L7_R, L7_K, L7_V, L7_O, L7_W1, L7_W2, L7_A1, L7_A2, L7_V1, L7_V2, L7_G1, L7_G2, L7_FK, L7_FV, L7_COUNT };
+
+// The per-head part of the time mix for one batch row and one head (N channels).
+// v is updated in place (value residual); layer 0 (vgate == nullptr) stores
+// v_first instead.  S is the head's old state [N value][N key], So the new one.
+// tmp holds 5 N floats.  Written once, compiled per ISA by the wrappers below
+// (always_inline into a function with a wider target vectorises for it).
+struct Head7 {
+  const float *r, *k, *logw, *alpha, *g, *vgate;
+  float *v, *vfirst;
+  const float *k_k, *k_a, *r_k, *lnx_w, *lnx_b;
+  const float* S;
+  float* So;
+  float* zg;
+};
+
+__attribute__((always_inline)) inline void head7_body(const Head7& h, int64_t N, float eps, float* __restrict tmp) {
+  const float* __restrict r = h.r;
+  const float* __restrict k = h.k;
+  float* __restrict v = h.v;
+  float* __restrict kap = tmp;         // kappa_hat
+  float* __restrict kt = tmp + N;      // k_tilde
+  float* __restrict av = tmp + 2 * N;  // a = -kappa_hat
+  float* __restrict bv = tmp + 3 * N;  // b = kappa_hat * alpha
+  float* __restrict w = tmp + 4 * N;   // exp(logw)
+  if (h.vgate) {
+    for (int64_t i = 0; i < N; ++i) v[i] = v[i] + (h.vfirst[i] - v[i]) * h.vgate[i];
+  } else {
+    for (int64_t i = 0; i < N; ++i) h.vfirst[i] = v[i];
+  }
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < N; ++j) {
+    kap[j] = k[j] * h.k_k[j];
+    ss += kap[j] * kap[j];
+  }
+  // F.normalize: x / max(||x||, 1e-12).
+  const float den = std::max(std::sqrt(ss), 1e-12f);
+  float bonus = 0.f;
+#pragma omp simd reduction(+ : bonus)
+  for (int64_t j = 0; j < N; ++j) {
+    const float kh = kap[j] / den, al = h.alpha[j];
+    kt[j] = k[j] * (1.f + (al - 1.f) * h.k_a[j]);
+    av[j] = -kh;
+    bv[j] = kh * al;
+    bonus += r[j] * kt[j] * h.r_k[j];
+  }
+  for (int64_t j = 0; j < N; ++j) w[j] = std::exp(h.logw[j]);
+  // S' = S diag(w) + (S a) b^T + v k_tilde^T;  y = S' r  (y kept in kap: done with it).
+  float* __restrict y = kap;
+  for (int64_t i = 0; i < N; ++i) {
+    const float* __restrict Si = h.S + i * N;
+    float* __restrict So = h.So + i * N;
+    float sa = 0.f;
+#pragma omp simd reduction(+ : sa)
+    for (int64_t j = 0; j < N; ++j) sa += Si[j] * av[j];
+    const float vi = v[i];
+    float yi = 0.f;
+#pragma omp simd reduction(+ : yi)
+    for (int64_t j = 0; j < N; ++j) {
+      const float s = Si[j] * w[j] + sa * bv[j] + vi * kt[j];
+      So[j] = s;
+      yi += s * r[j];
+    }
+    y[i] = yi;
+  }
+  // GroupNorm over the head (mean and variance in double: N is small), the
+  // r_k bonus times v, the output gate.
+  double m = 0.0;
+  for (int64_t i = 0; i < N; ++i) m += y[i];
+  m /= N;
+  double var = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double d = y[i] - m;
+    var += d * d;
+  }
+  const float rstd = static_cast<float>(1.0 / std::sqrt(var / N + eps));
+  const float mf = static_cast<float>(m);
+  for (int64_t i = 0; i < N; ++i) {
+    const float z = (y[i] - mf) * rstd * h.lnx_w[i] + h.lnx_b[i];
+    h.zg[i] = (z + bonus * v[i]) * h.g[i];
+  }
+}
+
+using Head7Fn = void (*)(const Head7&, int64_t, float, float*);
+void head7_scalar(const Head7& h, int64_t N, float eps, float* tmp) { head7_body(h, N, eps, tmp); }
+#if RK_X86
+__attribute__((target("avx2,fma"))) void head7_avx2(const Head7& h, int64_t N, float eps, float* tmp) {
+  head7_body(h, N, eps, tmp);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void head7_avx512(const Head7& h, int64_t N, float eps,
+                                                                          float* tmp) {
+  head7_body(h, N, eps, tmp);
+}
+#endif
+
+Head7Fn head7_fn() {
+  if (g_isa < 0) g_isa = detect_isa();
+#if RK_X86
+  if (g_isa == 2) return head7_avx512;
+  if (g_isa == 1) return head7_avx2;
+#endif
+  return head7_scalar;
+}
+
+// x [B, C] (embedded tokens; overwritten), states [L, B, C] / [L, B, H, N, N]
+// in and out, logits [B, V] or 0.
+void step7(int64_t table, int64_t n_layer, int64_t B, int64_t C, int64_t H, int64_t N, int64_t x_p,
+           int64_t ax_in, int64_t kv_in, int64_t fx_in, int64_t ax_out, int64_t kv_out, int64_t fx_out,
+           int64_t lnout_w, int64_t lnout_b, int64_t head_tab, int64_t logits_p, double eps_ln_d, double eps_gn_d) {
+  if (H * N != C) throw std::invalid_argument("step7: n_head * head_size != n_embd");
+  const int64_t* tab = P<const int64_t>(table);
+  float* x = P<float>(x_p);
+  const float eps = static_cast<float>(eps_ln_d), eps_gn = static_cast<float>(eps_gn_d);
+  std::vector<Lin> lins(static_cast<size_t>(n_layer) * L7_COUNT);
+  int64_t Dw = 0, Da = 0, Dv = 0, Dg = 0, Fd = 0;
+  for (int64_t l = 0; l < n_layer; ++l) {
+    Lin* LL = &lins[l * L7_COUNT];
+    for (int j = 0; j < L7_COUNT; ++j) LL[j] = read_lin(tab + l * V7_SLOTS + V7_LIN0 + j * 5);
+    Dw = std::max(Dw, LL[L7_W1].n);
+    Da = std::max(Da, LL[L7_A1].n);
+    Dv = std::max(Dv, LL[L7_V1].n);
+    Dg = std::max(Dg, LL[L7_G1].n);
+    Fd = std::max(Fd, LL[L7_FK].n);
+  }
+  const Lin head = head_tab ? read_lin(P<const int64_t>(head_tab)) : Lin{nullptr, nullptr, 0, 0, 0};
+
+  // Scratch [B, *]: a, xr, xw, xk, xv, xa, xg, r, k, v, logw, alpha, vgate, g,
+  // zg, v_first, out, h (18 x C); the LoRA middles; the channel mix's hidden.
+  std::vector<float> buf(static_cast<size_t>(B) * (18 * C + Dw + Da + Dv + Dg + Fd));
+  float* p = buf.data();
+  auto take = [&](int64_t n) {
+    float* q = p;
+    p += B * n;
+    return q;
+  };
+  float *a = take(C), *xr = take(C), *xw = take(C), *xk = take(C), *xv = take(C), *xa = take(C), *xg = take(C);
+  float *r = take(C), *k = take(C), *v = take(C), *logw = take(C), *alpha = take(C), *vgate = take(C), *g = take(C);
+  float *zg = take(C), *vfirst = take(C), *out = take(C), *hbuf = take(C);
+  float *lw = take(Dw), *la = take(Da), *lv = take(Dv), *lg = take(Dg), *kf = take(Fd);
+
+  const BlockFn fn = block_fn();
+  const Head7Fn hfn = head7_fn();
+  const int nt = std::max(1, at::get_num_threads());
+
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> tmp(static_cast<size_t>(5 * N));
+    for (int64_t l = 0; l < n_layer; ++l) {
+      const int64_t* t = tab + l * V7_SLOTS;
+      const Lin* LL = &lins[l * L7_COUNT];
+      const bool vres = l > 0;  // layer 0 makes v_first; later layers mix it back in
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        float* ab = a + b * C;
+        layer_norm(x + b * C, P<const float>(t[V7_LN1_W]), P<const float>(t[V7_LN1_B]), ab, C, eps);
+        const float* prev = P<const float>(ax_in) + (l * B + b) * C;
+        const float *mr = P<const float>(t[V7_X_R]), *mw = P<const float>(t[V7_X_W]),
+                    *mk = P<const float>(t[V7_X_K]), *mv = P<const float>(t[V7_X_V]),
+                    *ma = P<const float>(t[V7_X_A]), *mg = P<const float>(t[V7_X_G]);
+        for (int64_t i = 0; i < C; ++i) {
+          const float cur = ab[i], dx = prev[i] - cur;
+          const int64_t o = b * C + i;
+          xr[o] = cur + dx * mr[i];
+          xw[o] = cur + dx * mw[i];
+          xk[o] = cur + dx * mk[i];
+          xv[o] = cur + dx * mv[i];
+          xa[o] = cur + dx * ma[i];
+          xg[o] = cur + dx * mg[i];
+        }
+        std::memcpy(P<float>(ax_out) + (l * B + b) * C, ab, C * sizeof(float));
+      }
+      {
+        const Job jobs[7] = {
+            {&LL[L7_R], xr, r, ACT_NONE},       {&LL[L7_K], xk, k, ACT_NONE},
+            {&LL[L7_V], xv, v, ACT_NONE},       {&LL[L7_W1], xw, lw, ACT_TANH},
+            {&LL[L7_A1], xa, la, ACT_NONE},     {&LL[L7_G1], xg, lg, ACT_SIGMOID},
+            {&LL[L7_V1], xv, lv, ACT_NONE},
+        };
+        run_jobs(jobs, vres ? 7 : 6, B, fn);
+      }
+      {
+        const Job jobs[4] = {
+            {&LL[L7_W2], lw, logw, ACT_LOGW, P<const float>(t[V7_W0])},
+            {&LL[L7_A2], la, alpha, ACT_SIGMOID_BIAS, P<const float>(t[V7_A0])},
+            {&LL[L7_G2], lg, g, ACT_NONE},
+            {&LL[L7_V2], lv, vgate, ACT_SIGMOID_BIAS, P<const float>(t[V7_V0])},
+        };
+        run_jobs(jobs, vres ? 4 : 3, B, fn);
+      }
+#pragma omp for schedule(static)
+      for (int64_t job = 0; job < B * H; ++job) {
+        const int64_t b = job / H, hh = job % H, o = b * C + hh * N;
+        const int64_t so = ((l * B + b) * H + hh) * N * N;
+        Head7 hd;
+        hd.r = r + o;
+        hd.k = k + o;
+        hd.logw = logw + o;
+        hd.alpha = alpha + o;
+        hd.g = g + o;
+        hd.vgate = vres ? vgate + o : nullptr;
+        hd.v = v + o;
+        hd.vfirst = vfirst + o;
+        hd.k_k = P<const float>(t[V7_K_K]) + hh * N;
+        hd.k_a = P<const float>(t[V7_K_A]) + hh * N;
+        hd.r_k = P<const float>(t[V7_R_K]) + hh * N;
+        hd.lnx_w = P<const float>(t[V7_LNX_W]) + hh * N;
+        hd.lnx_b = P<const float>(t[V7_LNX_B]) + hh * N;
+        hd.S = P<const float>(kv_in) + so;
+        hd.So = P<float>(kv_out) + so;
+        hd.zg = zg + o;
+        hfn(hd, N, eps_gn, tmp.data());
+      }
+      {
+        const Job jobs[1] = {{&LL[L7_O], zg, out, ACT_NONE}};
+        run_jobs(jobs, 1, B, fn);
+      }
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        float* xb = x + b * C;
+        for (int64_t i = 0; i < C; ++i) xb[i] += out[b * C + i];
+        float* bn = a + b * C;
+        layer_norm(xb, P<const float>(t[V7_LN2_W]), P<const float>(t[V7_LN2_B]), bn, C, eps);
+        const float* prev = P<const float>(fx_in) + (l * B + b) * C;
+        const float* mk = P<const float>(t[V7_FFN_XK]);
+        for (int64_t i = 0; i < C; ++i) {
+          const float cur = bn[i];
+          xk[b * C + i] = cur + (prev[i] - cur) * mk[i];
+        }
+        std::memcpy(P<float>(fx_out) + (l * B + b) * C, bn, C * sizeof(float));
+      }
+      {
+        const Job jobs[1] = {{&LL[L7_FK], xk, kf, ACT_RELU_SQ}};
+        run_jobs(jobs, 1, B, fn);
+      }
+      {
+        const Job jobs[1] = {{&LL[L7_FV], kf, out, ACT_NONE}};
+        run_jobs(jobs, 1, B, fn);
+      }
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b) {
+        float* xb = x + b * C;
+        for (int64_t i = 0; i < C; ++i) xb[i] += out[b * C + i];
+      }
+    }
+    if (logits_p) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < B; ++b)
+        layer_norm(x + b * C, P<const float>(lnout_w), P<const float>(lnout_b), hbuf + b * C, C, eps);
+      const Job jobs[1] = {{&head, hbuf, P<float>(logits_p), ACT_NONE}};
+      run_jobs(jobs, 1, B, fn);
+    }
+  }
+}
+
+int layer_slots7() { return V7_SLOTS; }
+
 // y [B, n] = x [B, k] @ W^T (times the row scales for int8): the kernel alone,
 // for the int8 linear layers outside the fused step and for tests.
 void linear(int64_t w, int64_t scale, int64_t n, int64_t k, int64_t kind, int64_t x, int64_t B, int64_t y) {
@@ -505,9 +796,11 @@ int set_isa(int isa) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rwkvkit: fused RNN step of RWKV-4 on the CPU (fp32 / int8 weights)";
+  m.doc() = "rwkvkit: fused RNN step of RWKV-4 and RWKV-7 on the CPU (fp32 / int8 weights)";
   m.def("step", &step);
   m.def("linear", &linear);
   m.def("layer_slots", &layer_slots);
+  m.def("step7", &step7);
+  m.def("layer_slots7", &layer_slots7);
   m.def("set_isa", &set_isa);
 }
