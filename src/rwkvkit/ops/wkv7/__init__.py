@@ -19,7 +19,13 @@ Backends:
 - ``"reference"``: :mod:`.reference`, the per-token loop; the spec, slow.
 - ``"torch"``: :mod:`.chunked`, the chunked WY/UT form (spec 6.2); any device,
   autograd backward.
-- ``"auto"``: ``"torch"``.
+- ``"cuda"``: :mod:`.cuda`, the CUDA kernels (forward, backward, decode
+  step), built lazily with nvcc; where the build fails, one warning and
+  ``"torch"``.
+- ``"auto"``: ``"cuda"`` for CUDA tensors (when it builds), else ``"torch"``.
+
+:func:`wkv7_step` on CUDA tensors with no gradient wanted runs the kernel's
+one-token launch instead of the handful of PyTorch ops.
 """
 
 from __future__ import annotations
@@ -31,12 +37,23 @@ from .chunked import DEFAULT_CHUNK, wkv7_chunked
 from .reference import wkv7_reference
 from .types import check_step_inputs, compute_dtype
 
-_BACKENDS = Backends("WKV7", {"reference": lambda: wkv7_reference, "torch": lambda: wkv7_chunked})
+
+def _load_cuda():
+    from . import cuda  # plain Python: importing never builds anything
+
+    return cuda.get_implementation()  # None without a GPU, or (after one warning) when the build fails
+
+
+_BACKENDS = Backends(
+    "WKV7",
+    {"reference": lambda: wkv7_reference, "torch": lambda: wkv7_chunked, "cuda": _load_cuda},
+    prefer={"cuda": ("cuda",)},
+)
 BACKENDS = _BACKENDS.names
 
 
 def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
-    """Which implementation ``backend`` means ("auto" is the chunked form)."""
+    """Which implementation ``backend`` means for tensors on ``device``."""
     return _BACKENDS.resolve(backend, device)
 
 
@@ -69,8 +86,15 @@ def wkv7_step(
     (fused multiply-adds; measured a little faster than the plain
     expression or one [N, 2] x [2, N] matmul for both rank-1 updates).
     Differentiable; returns y [B, H, N] and the new state (a new tensor).
+    On a GPU with the CUDA kernel built and no gradient wanted, one launch.
     """
     check_step_inputs(r, logw, k, v, a, b, state)
+    if r.is_cuda and not (torch.is_grad_enabled() and any(x.requires_grad for x in (r, logw, k, v, a, b, state))):
+        if _BACKENDS.load("cuda") is not None:
+            from .cuda import supported, wkv7_step_cuda
+
+            if supported(r):
+                return wkv7_step_cuda(r, logw, k, v, a, b, state)
     dt = compute_dtype(r)
     r, logw, k, v, a, b, state = (x.to(dt) for x in (r, logw, k, v, a, b, state))  # no-ops in fp32
     sa = state @ a.unsqueeze(-1)  # [B, H, N(value), 1]: uses the old S
