@@ -15,35 +15,64 @@ A = (r e^c)(k e^{-b})^T overflows float32 as soon as a chunk's total decay
 passes ~88 nats (RWKV-6 per-token decays reach -20 and below), so A is built
 in two parts that never form e^{-b} alone:
 
-- within a sub-chunk: pairwise, exp(c_t - b_s) from the difference
-  ([.., sub, sub, N] intermediates);
+- within a sub-chunk: pairwise, one diagonal d = t - s at a time, the
+  exponent of each pair grown from the previous diagonal's by one log-decay
+  ([.., Ls - d, N] intermediates, never a [.., Ls, Ls, N] tensor); the
+  diagonals are gathered into the [Ls, Ls] block with one index;
 - query sub-chunk p against an earlier key sub-chunk q: factorised at the
   start of p: (r_t e^{c_t - c_p0}) . (k_s e^{c_p0 - b_s}), where c_p0 is the
-  decay accumulated before p; both exponents are <= 0, and a factor that
-  underflows only does so where the exact product is smaller still.
+  decay accumulated before p; the key factor is the product of e^{sl_s}
+  (after s to the end of q) and e^{sum of the sub-chunks between}, every
+  factor <= 1, and a factor that underflows only does so where the exact
+  product is smaller still.  One batched matmul pair per query sub-chunk.
+
+Performance (benchmarks/bench_wkv6_cpu.py): the first version built the
+sub-block exponents as [X, nS, Ls, Ls, N] tensors and was no faster than the
+loop at T = 512; per-diagonal exponents, products of factors instead of exps
+of sums, a loop over query sub-chunks instead of masked [p, q] tensors and
+``unbind`` in the state carry (a select's backward fills a C-sized zero
+tensor per chunk) made it several times faster forward and ~10x with the
+backward.  Chunks of 32 with sub-chunks of 8 measured fastest of 16..128 x
+4..16 on CPU.
 
 Every exponent is evaluated as a direct sum of the log-decays of its range
-(in-sub-chunk prefix and suffix sums, sub-chunk totals, and a masked cumsum
-for the pairs inside a sub-chunk), never as the difference of two prefix sums
+(in-sub-chunk prefix and suffix sums, sub-chunk totals, and a running sum
+along each diagonal for the pairs inside a sub-chunk), never as the difference of two prefix sums
 from the chunk start: that difference loses eps * |prefix| absolutely, a
 relative error of 1e-4 in a decay once a chunk holds ~1000 nats of decay.  So
 the fp32 result is as accurate as the fp32 recurrence (tests: ~1e-7 of
 max |y| for decays from 1 - 1e-4 to e^-400).
 
 What is left sequential is S <- diag(e^{b_L}) S + C_n, once per chunk.
-Autograd differentiates all of it (masked exponents are -inf *before* exp, so
-no inf * 0 reaches a gradient).
+Autograd differentiates all of it (no exponent is ever positive, and the
+unused (q >= p) entries of the between-sub-chunk decays are exp(0), so no
+inf * 0 reaches a gradient).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 from .types import check_inputs, compute_dtype
 
-DEFAULT_CHUNK = 32  # of 16/32/64 with sub-chunks of 8/16, 32/16 measured fastest on CPU (noisy, shared cores)
-DEFAULT_SUB_CHUNK = 16
+DEFAULT_CHUNK = 32  # with sub-chunks of 8: fastest of 16/32/64/128 x 4/8/16 on CPU (module docstring)
+DEFAULT_SUB_CHUNK = 8
+
+
+@functools.lru_cache(maxsize=32)
+def _diag_index_cpu(Ls: int) -> torch.Tensor:
+    t = torch.arange(Ls)[:, None]
+    s = torch.arange(Ls)[None, :]
+    return torch.where(s <= t, (t - s) * Ls + s, Ls * Ls).flatten()
+
+
+def _diag_index(Ls: int, device) -> torch.Tensor:
+    """Flat index of A[t, s] = D[t - s, s] (s <= t) into the diagonals D
+    [Ls * Ls + 1], the last entry a zero for s > t."""
+    return _diag_index_cpu(Ls).to(device)
 
 
 def wkv6_chunked(
@@ -63,7 +92,7 @@ def wkv6_chunked(
         u: [H, N] bonus.
         state: [B, H, N, N] (key x value) or None for zeros; never modified.
         chunk_size: tokens per chunk (rounded down to a multiple of sub_chunk).
-        sub_chunk: tokens per pairwise sub-block; memory grows as sub_chunk * T * N.
+        sub_chunk: tokens per pairwise sub-block (one loop step per diagonal).
 
     Returns:
         y [B, T, H, N] and the final state [B, H, N, N], in the compute dtype.
@@ -92,67 +121,75 @@ def wkv6_chunked(
         return x.reshape(X, L, N)
 
     r, k, v, logw = (blocks(x) for x in (r, k, v, logw))
-    ux = u.to(dt)[None, :, None, :].expand(B, H, NC, N).reshape(X, 1, N)
 
     # Every exponent below is a sum of log-decays over a range of tokens,
     # formed as a direct sum of non-positive terms (never as the difference of
     # two long prefix sums, which would lose eps * |prefix| in absolute terms:
     # 1e-4 of relative error in a decay for prefixes of ~1000 nats).
     lw = logw.view(X, nS, Ls, N)
-    bl = torch.cumsum(lw, dim=2)  # in-sub-chunk inclusive prefix
-    cl = F.pad(bl[:, :, :-1], (0, 0, 1, 0))  # in-sub-chunk exclusive prefix (same partial sums)
-    rev = torch.flip(torch.cumsum(torch.flip(lw, (2,)), dim=2), (2,))  # inclusive suffix
-    sl = F.pad(rev[:, :, 1:], (0, 0, 0, 1))  # exclusive suffix: sum over m > s in the sub-chunk
-    tot = bl[:, :, -1]  # [X, nS, N] per sub-chunk
-    tot_before = F.pad(torch.cumsum(tot, dim=1)[:, :-1], (0, 0, 1, 0))  # subs before p
-    tot_after = F.pad(torch.flip(torch.cumsum(torch.flip(tot, (1,)), dim=1), (1,))[:, 1:], (0, 0, 0, 1))  # subs after q
-    c = (tot_before[:, :, None] + cl).reshape(X, L, N)  # decay from the chunk start to before t
-    after = (sl + tot_after[:, :, None]).reshape(X, L, N)  # decay from after s to the chunk end
-    chunk_total = torch.cumsum(tot, dim=1)[:, -1]  # [X, N]
-
-    # Inter-chunk parts.
-    rq = r * torch.exp(c)
-    kh = k * torch.exp(after)
-    C = kh.transpose(1, 2) @ v  # [X, N(key), N(value)]
-
-    # Intra-chunk scores A [X, L(t), L(s)], s < t.
     rs, ks = r.view(X, nS, Ls, N), k.view(X, nS, Ls, N)
-    pos = torch.arange(Ls, device=r.device)
-    # Within a sub-chunk: E[t, s] = sum_{s < m < t} logw_m, from a masked
-    # cumsum P[s, j] = sum_{s < m <= j} logw_m read at j = t - 1.
-    later = (pos[None, :] > pos[:, None])[None, None, :, :, None]  # [1, 1, s, m, 1]: m > s
-    P = torch.cumsum(torch.where(later, lw[:, :, None], 0.0), dim=3)  # [X, nS, s, j, N]
-    P = F.pad(P[:, :, :, :-1], (0, 0, 1, 0)).transpose(2, 3)  # [X, nS, t, s, N] = P[s, t - 1]
-    strict = (pos[None, :] < pos[:, None])[None, None, :, :, None]  # [1, 1, t, s, 1]
-    e = torch.exp(torch.where(strict, P, float("-inf")))  # [X, nS, Ls, Ls, N]
-    A_d = ((rs[:, :, :, None] * e) * ks[:, :, None]).sum(-1)  # [X, nS, Ls, Ls]
+    bl = torch.cumsum(lw, dim=2)  # in-sub-chunk inclusive prefix
+    tot = bl[:, :, -1]  # [X, nS, N]: each sub-chunk's total
+    cl = F.pad(bl[:, :, :-1], (0, 0, 1, 0))  # in-sub-chunk exclusive prefix (same partial sums)
+    sl = F.pad(torch.flip(torch.cumsum(torch.flip(lw[:, :, 1:], (2,)), dim=2), (2,)), (0, 0, 0, 1))  # exclusive suffix
+    # Every decay factor below is a product of factors <= 1, each the exp of
+    # a direct range sum: exp(cl_t) (sub-chunk start to before t), exp(sl_s)
+    # (after s to the sub-chunk end), and per-sub-chunk totals.
+    qf = rs * torch.exp(cl)  # [X, nS, Ls, N]
+    kf = ks * torch.exp(sl)
     if nS > 1:
-        # Query sub-chunk p against key sub-chunk q < p, factorised at the
-        # start of p: exp(cl_t) * exp(sl_s + sum of the sub-chunks between).
-        qf = rs * torch.exp(cl)
+        tot_before = F.pad(torch.cumsum(tot[:, :-1], dim=1), (0, 0, 1, 0))  # sub-chunks before p
+        tot_after = F.pad(torch.flip(torch.cumsum(torch.flip(tot[:, 1:], (1,)), dim=1), (1,)), (0, 0, 0, 1))  # after q
+        rq = (qf * torch.exp(tot_before)[:, :, None]).view(X, L, N)  # r_t * decay from the chunk start to before t
+        kh = (kf * torch.exp(tot_after)[:, :, None]).view(X, L, N)  # k_s * decay from after s to the chunk end
+        chunk_total = tot_before[:, -1] + tot[:, -1]  # [X, N]
+    else:
+        rq, kh, chunk_total = qf.view(X, L, N), kf.view(X, L, N), tot[:, 0]
+
+    # Diagonal sub-blocks, one diagonal d = t - s at a time: the exponent of
+    # the pair (j + d, j) is E_d[j] = sum_{j < m < j + d} logw_m, grown from
+    # E_{d-1} by one term (a direct sum, left to right), so the sub-block costs
+    # (Ls - 1) / 2 [.., N]-sized passes instead of a [.., Ls, Ls, N] tensor.
+    # Diagonal 0 is the bonus r_t . u . k_t.
+    diags = [(rs * u.to(dt)[None, :, None, None, :].expand(B, H, NC, 1, N).reshape(X, 1, 1, N) * ks).sum(-1)]
+    E = None
+    for d in range(1, Ls):
+        rk = rs[:, :, d:] * ks[:, :, : Ls - d]
+        if d > 1:
+            E = lw[:, :, 1 : Ls - 1] if d == 2 else E[:, :, : Ls - d] + lw[:, :, d - 1 : Ls - 1]
+            rk = rk * torch.exp(E)
+        diags.append(F.pad(rk.sum(-1), (0, d)))
+    D = F.pad(torch.stack(diags, dim=2).flatten(2), (0, 1))  # [X, nS, Ls * Ls + 1]: D[d * Ls + j], then a 0
+    A_d = D[:, :, _diag_index(Ls, r.device)].view(X * nS, Ls, Ls)  # A_d[t, s] = D[t - s, s], 0 above the diagonal
+    y_loc = (A_d @ v.view(X * nS, Ls, N)).view(X, L, N)
+
+    if nS > 1:
+        # Query sub-chunk p against the key sub-chunks q < p, factorised at
+        # the start of p: (r_t e^{cl_t}) . (k_s e^{sl_s} e^{sum of the
+        # sub-chunks strictly between}), every factor <= 1.  One loop step per
+        # query sub-chunk, so nothing is computed for the pairs q >= p.
         sub = torch.arange(nS, device=r.device)
         between_mask = (sub[None, :] > sub[:, None])[None, :, :, None]  # [1, q, j, 1]: j > q
         Pt = torch.cumsum(torch.where(between_mask, tot[:, None], 0.0), dim=2)  # [X, q, j, N]
-        between = F.pad(Pt[:, :, :-1], (0, 0, 1, 0)).transpose(1, 2)  # [X, p, q, N]: sum over q < j < p
-        earlier = (sub[None, :] < sub[:, None])[None, :, :, None, None]  # [1, p, q, 1, 1]
-        ex = torch.where(earlier, sl[:, None] + between[:, :, :, None], float("-inf"))  # [X, p, q, Ls, N]
-        kf = ks[:, None] * torch.exp(ex)
-        A = torch.einsum("xptn,xpqsn->xptqs", qf, kf)  # zero where q >= p
-        eye = torch.eye(nS, dtype=dt, device=r.device)[None, :, None, :, None]
-        A = (A + A_d[:, :, :, None, :] * eye).reshape(X, L, L)
-    else:
-        A = A_d.reshape(X, L, L)
-    diag_u = (r * ux * k).sum(-1, keepdim=True)  # [X, L, 1]: the bonus of the current token
-    y_loc = torch.addcmul(A @ v, diag_u, v)
+        eb = torch.exp(F.pad(Pt[:, :, :-1], (0, 0, 1, 0)).transpose(1, 2))  # [X, p, q, N]: sum over q < j < p (used q < p)
+        vs = v.view(X, nS, Ls, N)
+        y_inter = [torch.zeros_like(qf[:, 0])]
+        for p_ in range(1, nS):
+            kp = (kf[:, :p_] * eb[:, p_, :p_, None]).reshape(X, p_ * Ls, N)
+            y_inter.append((qf[:, p_] @ kp.transpose(1, 2)) @ vs[:, :p_].reshape(X, p_ * Ls, N))
+        y_loc = y_loc + torch.stack(y_inter, dim=1).view(X, L, N)
 
     # The only sequential part: the state entering each chunk.
-    decay = torch.exp(chunk_total).view(B * H, NC, N, 1)
-    C = C.view(B * H, NC, N, N)
+    C = kh.transpose(1, 2) @ v  # [X, N(key), N(value)]
+    # unbind, not C[:, n]: each select's backward would fill a C-sized zero
+    # tensor (NC of them); unbind's is one stack.
+    decays = torch.exp(chunk_total).view(B * H, NC, N, 1).unbind(1)
+    Cs = C.view(B * H, NC, N, N).unbind(1)
     S = S.reshape(B * H, N, N)
     starts = []
     for n in range(NC):
         starts.append(S)
-        S = torch.addcmul(C[:, n], S, decay[:, n])
+        S = torch.addcmul(Cs[n], S, decays[n])
     S0 = torch.stack(starts, dim=1).view(X, N, N)
 
     y = torch.baddbmm(y_loc, rq, S0)  # [X, L, N(value)]
