@@ -20,29 +20,42 @@ Backends:
 - ``"reference"``: :mod:`.reference`, the per-token loop; the spec, slow.
 - ``"torch"``: :mod:`.chunked`, the sub-chunked form (spec 6.1), stable for
   any logw <= 0; any device, autograd backward.
-- ``"auto"``: ``"torch"``.
+- ``"cuda"``: :mod:`.cuda`, the CUDA kernels (forward, backward, decode
+  step), built lazily with nvcc; where the build fails, one warning and
+  ``"torch"``.
+- ``"auto"``: ``"cuda"`` for CUDA tensors (when it builds), else ``"torch"``.
+
+:func:`wkv6_step` on CUDA tensors with no gradient wanted runs the kernel's
+one-token launch instead of the handful of PyTorch ops.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
+from ..dispatch import Backends
 from .chunked import DEFAULT_CHUNK, DEFAULT_SUB_CHUNK, wkv6_chunked
 from .reference import wkv6_reference
 from .types import check_step_inputs, compute_dtype
 
-BACKENDS = ("auto", "reference", "torch")
 
-_IMPLS: dict[str, Callable] = {"reference": wkv6_reference, "torch": wkv6_chunked}
+def _load_cuda():
+    from . import cuda  # plain Python: importing never builds anything
+
+    return cuda.get_implementation()  # None without a GPU, or (after one warning) when the build fails
 
 
-def resolve_backend(backend: str) -> str:
-    """Which implementation ``backend`` means ("auto" is the chunked form)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown WKV6 backend {backend!r}; expected one of {BACKENDS}")
-    return "torch" if backend == "auto" else backend
+_BACKENDS = Backends(
+    "WKV6",
+    {"reference": lambda: wkv6_reference, "torch": lambda: wkv6_chunked, "cuda": _load_cuda},
+    prefer={"cuda": ("cuda",)},
+)
+BACKENDS = _BACKENDS.names
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """Which implementation ``backend`` means for tensors on ``device``."""
+    return _BACKENDS.resolve(backend, device)
 
 
 def wkv6(
@@ -55,7 +68,7 @@ def wkv6(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the RWKV-5/6 WKV operator over a sequence (see the module docstring)."""
-    return _IMPLS[resolve_backend(backend)](r, k, v, logw, u, state)
+    return _BACKENDS.get(backend, r.device)(r, k, v, logw, u, state)
 
 
 def wkv6_step(
@@ -69,9 +82,16 @@ def wkv6_step(
     """One token on [B, H, N] tensors, u [H, N], a [B, H, N, N] state: the decode path.
 
     Differentiable; returns y [B, H, N] (from the old state plus the bonus)
-    and the new state (a new tensor).
+    and the new state (a new tensor).  On a GPU with the CUDA kernel built and
+    no gradient wanted, one launch.
     """
     check_step_inputs(r, k, v, logw, u, state)
+    if r.is_cuda and not (torch.is_grad_enabled() and any(x.requires_grad for x in (r, k, v, logw, u, state))):
+        if _BACKENDS.load("cuda") is not None:
+            from .cuda import supported, wkv6_step_cuda
+
+            if supported(r):
+                return wkv6_step_cuda(r, k, v, logw, u, state)
     dt = compute_dtype(r)
     r, k, v, logw, u, state = (x.to(dt) for x in (r, k, v, logw, u, state))  # no-ops in fp32
     bonus = (r * u * k).sum(-1, keepdim=True)  # [B, H, 1]
