@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train or fine-tune a model (paper recipe; resumable; torchrun for many processes)",
         description=(
-            "Train an RWKV-4 or RWKV-7 model from scratch (--generation 4|7; the RWKV-4 paper's recipe or the "
-            "x070 trainer's init and optimiser groups), or fine-tune a checkpoint of either (--init-from; "
+            "Train an RWKV-4, 5 (5.2), 6 or 7 model from scratch (--generation 4|5|6|7; the RWKV-4 paper's recipe, "
+            "or the x052/x060/x070 trainer's init and optimiser groups), or fine-tune a checkpoint of any (--init-from; "
             "--tune full|lora|state). Writes OUT/checkpoints/, OUT/model (an rwkvkit folder), "
             "OUT/metrics.jsonl and OUT/loss.png. Ctrl-C saves a checkpoint and stops; --resume continues. "
             "Under `torchrun --nproc_per_node N -m rwkvkit train ...` it runs data-parallel (DDP; gloo on "

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from ..errors import RwkvkitError
 
 # Generations `rwkvkit train` builds from scratch.
-GENERATIONS = ("4", "7")
+GENERATIONS = ("4", "5", "6", "7")
 
 
 def _f(default, help: str, **kw):
@@ -30,15 +30,16 @@ class TrainConfig:
     out: str = _f("", "output folder: checkpoints/, model/, metrics.jsonl, loss.png", group="data", metavar="DIR")
     vocab_size: int = _f(0, "vocabulary size; only needed for binidx data (prepared data records it)", group="data")
     # -------------------------------------------------------------------- model
-    generation: str = _f("4", "RWKV generation of a model trained from scratch: 4, or 7 (Goose, the x070 trainer's init); with --init-from the checkpoint's own generation is used", group="model", choices=GENERATIONS)
+    generation: str = _f("4", "RWKV generation of a model trained from scratch: 4, 5 (Eagle 5.2, the x052 trainer's init), 6 (Finch, x060) or 7 (Goose, x070); with --init-from the checkpoint's own generation is used", group="model", choices=GENERATIONS)
     n_layer: int = _f(6, "blocks of a model trained from scratch", group="model")
     n_embd: int = _f(512, "width of a model trained from scratch", group="model")
-    dim_att: int = _f(0, "RWKV-4 time-mix width (0 = n_embd; RWKV-7 has none: its time mix is n_embd wide)", group="model")
-    dim_ffn: int = _f(0, "channel-mix hidden width (0 = 4 n_embd, both generations)", group="model")
-    head_size: int = _f(64, "RWKV-7 channels per head (64 in every released model); must divide n_embd (use a smaller one for tiny widths)", group="model")
-    d_decay: int = _f(0, "RWKV-7 LoRA rank of the decay w (0 = the x070 trainer's max(32, round(1.8 sqrt(n_embd) / 32) * 32))", group="model")
+    dim_att: int = _f(0, "RWKV-4/5/6 time-mix width (0 = n_embd; RWKV-7 has none: its time mix is n_embd wide)", group="model")
+    dim_ffn: int = _f(0, "channel-mix hidden width (0 = 4 n_embd for RWKV-4/7; 3.5 n_embd rounded down to 32 for RWKV-5/6, as their trainers)", group="model")
+    head_size: int = _f(64, "RWKV-5/6/7 channels per head (64 in every released model); must divide n_embd (use a smaller one for tiny widths)", group="model")
+    d_decay: int = _f(0, "LoRA rank of the decay: RWKV-7 w (0 = the x070 trainer's max(32, round(1.8 sqrt(n_embd) / 32) * 32)), RWKV-6 time_decay_w1/w2 (0 = 64, the x060 trainer)", group="model")
     d_aaa: int = _f(0, "RWKV-7 LoRA rank of the in-context learning rate a (0 = max(32, round(1.8 sqrt(n_embd) / 32) * 32))", group="model")
     d_mv: int = _f(0, "RWKV-7 LoRA rank of the value residual v (0 = max(32, round(1.3 sqrt(n_embd) / 32) * 32))", group="model")
+    d_mix: int = _f(0, "RWKV-6 LoRA rank of the data-dependent token shift time_maa_w1/w2 (0 = 32, the x060 trainer)", group="model")
     d_gate: int = _f(0, "RWKV-7 LoRA rank of the output gate g (0 = max(32, round(0.6 n_embd^0.8 / 32) * 32))", group="model")
     emb_init: str = _f("uniform", "RWKV-4 embedding init: uniform U(+-1e-4) (paper), normal, orthogonal (v4 trainer); RWKV-7 always uses U(+-1e-4)", group="model", choices=("uniform", "normal", "orthogonal"))
     init_from: str = _f("", "start from this checkpoint (any format rwkvkit.load reads, any generation) instead of the official init", group="model", metavar="CHECKPOINT")
@@ -71,8 +72,8 @@ class TrainConfig:
     beta1: float = _f(0.9, "Adam beta1", group="optim")
     beta2: float = _f(0.99, "Adam beta2 (the paper's 0.99)", group="optim")
     adam_eps: float = _f(1e-8, "Adam epsilon (RWKV-LM uses 1e-8 for RWKV-4/5/6 and 1e-18 for RWKV-7: pass --adam-eps 1e-18 to follow the x070 trainer)", group="optim")
-    weight_decay: float = _f(0.0, "decoupled weight decay (AdamW) on matrices only (RWKV-7: the 2-D .weight matrices, not its LoRAs); 0 = plain Adam as in the paper", group="optim")
-    layerwise_lr: bool = _f(True, "per-generation learning-rate multipliers: RWKV-4 time_decay 2x and time_first 3x (RWKV-LM v4neo), RWKV-7 att.w0 2x (x070 trainer)", group="optim")
+    weight_decay: float = _f(0.0, "decoupled weight decay (AdamW) on matrices only (RWKV-5/6/7: the 2-D .weight matrices, not their LoRAs); 0 = plain Adam as in the paper", group="optim")
+    layerwise_lr: bool = _f(True, "per-generation learning-rate multipliers: RWKV-4 time_decay 2x and time_first 3x (RWKV-LM v4neo); RWKV-5/6 time_decay 2x, time_first 3x, time_faaaa and the LoRAs 1x (x052/x060 configure_optimizers); RWKV-7 att.w0 2x (x070 trainer)", group="optim")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)", group="optim")
     l2wrap: float = _f(1e-4, "factor of the L2Wrap auxiliary gradient on the largest logit (0 = off)", group="optim")
     # -------------------------------------------------------------------- speed
@@ -80,7 +81,7 @@ class TrainConfig:
     precision: str = _f("auto", "fp32, or bf16 autocast; auto = bf16 on CUDA GPUs that support it, fp32 on CPU", group="speed", choices=("auto", "fp32", "bf16"))
     grad_checkpoint: bool = _f(False, "recompute time-mix and channel-mix activations in the backward pass (less memory, about a third more compute)", group="speed")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)", group="speed")
-    wkv_backend: str = _f("auto", "WKV implementation: auto, cpu, torch, cuda, reference (RWKV-7: auto, torch, reference)", group="speed", metavar="NAME")
+    wkv_backend: str = _f("auto", "WKV implementation: auto, cpu, torch, cuda, reference (RWKV-5/6/7: auto, torch, reference)", group="speed", metavar="NAME")
     parallel: str = _f("ddp", "under torchrun: ddp (every process holds all weights) or fsdp (weights, gradients and optimiser state sharded over the processes, for models that do not fit one device; full training only)", group="speed", choices=("ddp", "fsdp"))
     # ----------------------------------------------------------------- schedule
     seed: int = _f(0, "seed of the initial weights and of the data order", group="run")
@@ -123,7 +124,7 @@ class TrainConfig:
         for name in ("n_layer", "n_embd"):
             if getattr(self, name) < 1:
                 raise RwkvkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("dim_ffn", "dim_att", "d_decay", "d_aaa", "d_mv", "d_gate"):
+        for name in ("dim_ffn", "dim_att", "d_decay", "d_aaa", "d_mv", "d_gate", "d_mix"):
             if getattr(self, name) < 0:
                 raise RwkvkitError(f"--{name.replace('_', '-')} must be >= 0 (0 = the default), got {getattr(self, name)}")
         if self.generation == "7":
@@ -132,6 +133,13 @@ class TrainConfig:
             if self.head_size < 1 or self.n_embd % self.head_size:
                 raise RwkvkitError(
                     f"--head-size {self.head_size} must divide --n-embd {self.n_embd} (RWKV-7 has n_embd / head_size heads)"
+                )
+        if self.generation in ("5", "6"):
+            width = self.dim_att or self.n_embd
+            if self.head_size < 1 or width % self.head_size:
+                raise RwkvkitError(
+                    f"--head-size {self.head_size} must divide the time-mix width {width} "
+                    f"(RWKV-{self.generation} has dim_att / head_size heads; --dim-att 0 = --n-embd)"
                 )
 
     def to_dict(self) -> dict[str, Any]:

@@ -156,6 +156,17 @@ def model_config(cfg: TrainConfig, vocab_size: int):
         # in the x070 trainer: unused parameters would stall DDP.
         return RWKV7Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, head_size=cfg.head_size,
                            dim_ffn=cfg.dim_ffn, layer0_v_lora=False, **ranks)
+    if cfg.generation == "5":
+        from ..models.rwkv5 import RWKV5Config
+
+        # 5.2, the released Eagle: the gate, per-channel decay and the raw bonus time_faaaa.
+        return RWKV5Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, head_size=cfg.head_size,
+                           dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn, gate=True, per_channel_decay=True, bonus="time_faaaa")
+    if cfg.generation == "6":
+        from ..models.rwkv6 import RWKV6Config
+
+        return RWKV6Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, head_size=cfg.head_size,
+                           dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn, d_mix=cfg.d_mix or 32, d_decay=cfg.d_decay or 64)
     from ..models.rwkv4 import RWKV4Config
 
     return RWKV4Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, vocab_size=vocab_size, dim_att=cfg.dim_att, dim_ffn=cfg.dim_ffn)
@@ -196,6 +207,11 @@ def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
 
         if cfg.wkv_backend not in BACKENDS:
             raise RwkvkitError(f"--wkv-backend {cfg.wkv_backend!r}: RWKV-7 has {', '.join(BACKENDS)}")
+    elif model.generation in ("5", "5.1", "5.2", "6"):
+        from ..ops.wkv6 import BACKENDS as BACKENDS6
+
+        if cfg.wkv_backend not in BACKENDS6:
+            raise RwkvkitError(f"--wkv-backend {cfg.wkv_backend!r}: RWKV-{model.generation} has {', '.join(BACKENDS6)}")
     _freeze_unused(model)
     model.to(device)
     model.wkv_backend = cfg.wkv_backend
