@@ -30,7 +30,7 @@ SHARED = REPO.parent / "shared" / "data"
 
 from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.init import init_weights, random_state_dict  # noqa: E402
-from rwkvkit.model import RWKV  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV  # noqa: E402
 
 
 def machine() -> str:

@@ -22,10 +22,10 @@ hypothesis = importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from rwkvkit.config import ModelConfig  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV4Config  # noqa: E402
 from rwkvkit.generate import complete  # noqa: E402
 from rwkvkit.init import random_state_dict  # noqa: E402
-from rwkvkit.model import RWKV  # noqa: E402
+from rwkvkit.models.rwkv4 import RWKV  # noqa: E402
 from rwkvkit.sampling import SamplingConfig  # noqa: E402
 from rwkvkit.serve.engine import Engine, EngineConfig, GenRequest  # noqa: E402
 from rwkvkit.tokenizer import ByteTokenizer  # noqa: E402
@@ -36,7 +36,7 @@ EXAMPLES = int(os.environ.get("RWKVKIT_HYPOTHESIS_EXAMPLES", "25"))
 
 def _printable_model(seed: int = 3) -> RWKV:
     """A random byte-level model that only writes printable ASCII and newlines."""
-    cfg = ModelConfig(n_layer=1, n_embd=32, vocab_size=256)
+    cfg = RWKV4Config(n_layer=1, n_embd=32, vocab_size=256)
     sd = random_state_dict(cfg, seed=seed)
     sd["ln_out.bias"][0] = 30.0
     allowed = torch.zeros(256, dtype=torch.bool)
