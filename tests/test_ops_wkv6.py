@@ -146,6 +146,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(InputShapeError, match="wkv6_step: r must be"):
         wkv6_step(r, k, v, logw, u, s)
     with pytest.raises(ValueError, match="unknown WKV6 backend"):
-        wkv6(r, k, v, logw, u, backend="cuda")
+        wkv6(r, k, v, logw, u, backend="nope")
     y, _ = wkv6(r, k, v, logw, u, s, backend="reference")
     assert y.shape == r.shape
