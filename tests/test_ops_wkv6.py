@@ -80,6 +80,18 @@ def test_chunked_gradients_match_reference(T, decay):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("sub", [8, 16])
+def test_chunked_gradients_default_and_long_sub_chunks(sub):
+    """The diagonal sub-blocks' written-out backward (dlw through a difference
+    array over every pair's range) at the default sub-chunk of 8 and at 16,
+    with several sub-chunks per chunk and a ragged last chunk."""
+    args = _inputs(1, 45, 2, 8, "mixed", seed=13)
+    ref = _grads(wkv6_reference, args)
+    got = _grads(lambda *a: wkv6_chunked(*a, chunk_size=2 * sub, sub_chunk=sub), args)
+    for name, a, b in zip(("r", "k", "v", "logw", "u", "state"), got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
 def test_gradcheck_reference_and_chunked():
     args = tuple(x.requires_grad_(True) for x in _inputs(1, 6, 2, 3, "mixed", seed=5))
     assert torch.autograd.gradcheck(wkv6_reference, args, eps=1e-6, atol=1e-6)

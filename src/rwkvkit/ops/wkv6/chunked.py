@@ -17,8 +17,8 @@ in two parts that never form e^{-b} alone:
 
 - within a sub-chunk: pairwise, one diagonal d = t - s at a time, the
   exponent of each pair grown from the previous diagonal's by one log-decay
-  ([.., Ls - d, N] intermediates, never a [.., Ls, Ls, N] tensor); the
-  diagonals are gathered into the [Ls, Ls] block with one index;
+  ([.., Ls - d, N] intermediates, never a [.., Ls, Ls, N] tensor), in a
+  custom autograd function with a written-out backward (:class:`_DiagonalBlocks`);
 - query sub-chunk p against an earlier key sub-chunk q: factorised at the
   start of p: (r_t e^{c_t - c_p0}) . (k_s e^{c_p0 - b_s}), where c_p0 is the
   decay accumulated before p; the key factor is the product of e^{sl_s}
@@ -32,7 +32,8 @@ loop at T = 512; per-diagonal exponents, products of factors instead of exps
 of sums, a loop over query sub-chunks instead of masked [p, q] tensors and
 ``unbind`` in the state carry (a select's backward fills a C-sized zero
 tensor per chunk) made it several times faster forward and ~10x with the
-backward.  Chunks of 32 with sub-chunks of 8 measured fastest of 16..128 x
+backward; the written-out backward of the diagonal blocks took another
+10-15% off forward+backward.  Chunks of 32 with sub-chunks of 8 measured fastest of 16..128 x
 4..16 on CPU.
 
 Every exponent is evaluated as a direct sum of the log-decays of its range
@@ -44,14 +45,12 @@ the fp32 result is as accurate as the fp32 recurrence (tests: ~1e-7 of
 max |y| for decays from 1 - 1e-4 to e^-400).
 
 What is left sequential is S <- diag(e^{b_L}) S + C_n, once per chunk.
-Autograd differentiates all of it (no exponent is ever positive, and the
+Autograd differentiates the rest (no exponent is ever positive, and the
 unused (q >= p) entries of the between-sub-chunk decays are exp(0), so no
 inf * 0 reaches a gradient).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -62,17 +61,70 @@ DEFAULT_CHUNK = 32  # with sub-chunks of 8: fastest of 16/32/64/128 x 4/8/16 on 
 DEFAULT_SUB_CHUNK = 8
 
 
-@functools.lru_cache(maxsize=32)
-def _diag_index_cpu(Ls: int) -> torch.Tensor:
-    t = torch.arange(Ls)[:, None]
-    s = torch.arange(Ls)[None, :]
-    return torch.where(s <= t, (t - s) * Ls + s, Ls * Ls).flatten()
+def _diagonal_exponents(lw: torch.Tensor):
+    """Yield (d, e_d) for d = 1 .. Ls - 1: e_d[j] = exp(sum_{j < m < j + d} lw_m)
+    over j < Ls - d ([.., Ls - d, N]; None for d = 1, where the range is empty),
+    each exponent grown from the previous one by one log-decay (a direct sum)."""
+    Ls = lw.shape[2]
+    E = None
+    for d in range(1, Ls):
+        if d == 1:
+            yield d, None
+            continue
+        E = lw[:, :, 1 : Ls - 1] if d == 2 else E[:, :, : Ls - d] + lw[:, :, d - 1 : Ls - 1]
+        yield d, torch.exp(E)
 
 
-def _diag_index(Ls: int, device) -> torch.Tensor:
-    """Flat index of A[t, s] = D[t - s, s] (s <= t) into the diagonals D
-    [Ls * Ls + 1], the last entry a zero for s > t."""
-    return _diag_index_cpu(Ls).to(device)
+class _DiagonalBlocks(torch.autograd.Function):
+    """The diagonal sub-blocks A_d [X, nS, Ls, Ls] of the intra-chunk scores:
+    A_d[t, t] = r_t . u . k_t (the bonus) and, for s < t,
+    A_d[t, s] = sum_i r_t[i] k_s[i] exp(sum_{s < m < t} lw_m[i]),
+    built one diagonal d = t - s at a time, so nothing larger than the inputs
+    is formed.  The backward is written out (autograd through the per-diagonal
+    slices would allocate and fill an input-sized zero tensor for each slice):
+
+        dr_t += g e k_s,  dk_s += g e r_t,  du += sum g_tt r_t k_t,
+        dlw_m += sum over the pairs (t, s) with s < m < t of g r_t k_s e,
+
+    the last through a difference array (+ at s + 1, - at t) and one cumsum.
+    """
+
+    @staticmethod
+    def forward(ctx, r, k, lw, u):
+        ctx.save_for_backward(r, k, lw, u)
+        Ls = r.shape[2]
+        A = r.new_zeros(r.shape[:2] + (Ls, Ls))
+        A.diagonal(dim1=2, dim2=3).copy_((r * u * k).sum(-1))
+        for d, e in _diagonal_exponents(lw):
+            p = r[:, :, d:] * k[:, :, : Ls - d]
+            if e is not None:
+                p.mul_(e)
+            A.diagonal(offset=-d, dim1=2, dim2=3).copy_(p.sum(-1))
+        return A
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gA):
+        r, k, lw, u = ctx.saved_tensors
+        Ls = r.shape[2]
+        g0 = gA.diagonal(dim1=2, dim2=3).unsqueeze(-1)  # [X, nS, Ls, 1]
+        gu = g0 * r
+        dk = gu * u
+        du = (gu * k).sum((1, 2), keepdim=True)
+        dr = g0 * u * k
+        dif = torch.zeros_like(lw)  # dlw as a difference array over the sub-chunk positions
+        for d, e in _diagonal_exponents(lw):
+            g = gA.diagonal(offset=-d, dim1=2, dim2=3).unsqueeze(-1)  # [X, nS, Ls - d, 1]
+            rt, ks = r[:, :, d:], k[:, :, : Ls - d]
+            w = g if e is None else g * e
+            dr[:, :, d:].addcmul_(w, ks)
+            dk[:, :, : Ls - d].addcmul_(w, rt)
+            if d > 1:
+                q = w * rt * ks  # the pair's share of d(exponent)
+                dif[:, :, 1 : Ls - d + 1].add_(q)
+                dif[:, :, d:].sub_(q)
+        dlw = torch.cumsum(dif, dim=2) if Ls > 2 else dif
+        return dr, dk, dlw, du
 
 
 def wkv6_chunked(
@@ -151,23 +203,17 @@ def wkv6_chunked(
     # E_{d-1} by one term (a direct sum, left to right), so the sub-block costs
     # (Ls - 1) / 2 [.., N]-sized passes instead of a [.., Ls, Ls, N] tensor.
     # Diagonal 0 is the bonus r_t . u . k_t.
-    diags = [(rs * u.to(dt)[None, :, None, None, :].expand(B, H, NC, 1, N).reshape(X, 1, 1, N) * ks).sum(-1)]
-    E = None
-    for d in range(1, Ls):
-        rk = rs[:, :, d:] * ks[:, :, : Ls - d]
-        if d > 1:
-            E = lw[:, :, 1 : Ls - 1] if d == 2 else E[:, :, : Ls - d] + lw[:, :, d - 1 : Ls - 1]
-            rk = rk * torch.exp(E)
-        diags.append(F.pad(rk.sum(-1), (0, d)))
-    D = F.pad(torch.stack(diags, dim=2).flatten(2), (0, 1))  # [X, nS, Ls * Ls + 1]: D[d * Ls + j], then a 0
-    A_d = D[:, :, _diag_index(Ls, r.device)].view(X * nS, Ls, Ls)  # A_d[t, s] = D[t - s, s], 0 above the diagonal
-    y_loc = (A_d @ v.view(X * nS, Ls, N)).view(X, L, N)
+    ux = u.to(dt)[None, :, None, None, :].expand(B, H, NC, 1, N).reshape(X, 1, 1, N)
+    A_d = _DiagonalBlocks.apply(rs, ks, lw, ux)  # [X, nS, Ls(t), Ls(s)], 0 above the diagonal
+    y_loc = (A_d.view(X * nS, Ls, Ls) @ v.view(X * nS, Ls, N)).view(X, L, N)
 
     if nS > 1:
         # Query sub-chunk p against the key sub-chunks q < p, factorised at
         # the start of p: (r_t e^{cl_t}) . (k_s e^{sl_s} e^{sum of the
         # sub-chunks strictly between}), every factor <= 1.  One loop step per
-        # query sub-chunk, so nothing is computed for the pairs q >= p.
+        # query sub-chunk, so nothing is computed for the pairs q >= p (a
+        # single product over all (p, q) with the q >= p pairs zeroed measured
+        # ~10% slower forward).
         sub = torch.arange(nS, device=r.device)
         between_mask = (sub[None, :] > sub[:, None])[None, :, :, None]  # [1, q, j, 1]: j > q
         Pt = torch.cumsum(torch.where(between_mask, tot[:, None], 0.0), dim=2)  # [X, q, j, N]
