@@ -17,6 +17,11 @@ call, the state being advanced in place inside the graph.
 The outputs are views of the graph's own buffers: the next call overwrites
 them (clone what you keep).  Passing back the state it returned costs nothing;
 any other state is copied in first.
+
+Every generation works: the state's tensor fields are copied field by field
+(RWKV-4's (aa, bb, pp) layout, and ``MatrixState`` - att_x, att_kv, ffn_x - of
+RWKV-5/6/7, whose WKV step on a GPU is one kernel launch per layer,
+``ops.wkv7.wkv7_step`` / ``ops.wkv6.wkv6_step``), after ``model.check_state``.
 """
 
 from __future__ import annotations
