@@ -13,7 +13,7 @@ from .state import MatrixState, State, StateBase
 from .tokenizer import Tokenizer, load_tokenizer
 from .generate import SHIPPED_MODEL, generate  # noqa: E402  (the function shadows the module name)
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 
 def load(path, *, dtype=None, device=None, **options):

@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import RwkvkitError
 
 # One module per group of verbs, in the order they appear in --help.

@@ -59,17 +59,9 @@ def get_tokenizer(name: str):
     """``"bytes"`` here; anything else through :func:`rwkvkit.load_tokenizer`."""
     if name in ("bytes", "byte"):
         return ByteTokenizer()
-    import rwkvkit
+    from ..tokenizer import load_tokenizer
 
-    loader = getattr(rwkvkit, "load_tokenizer", None)
-    if loader is None:
-        try:
-            from ..tokenizer import load_tokenizer as loader  # type: ignore[no-redef]
-        except ImportError:
-            raise RwkvkitError(
-                f"tokenizer {name!r} needs rwkvkit.load_tokenizer, which this installation lacks; use --tokenizer bytes"
-            ) from None
-    return loader(name)
+    return load_tokenizer(name)
 
 
 def _tokenizer_info(tok, name: str) -> tuple[str, int, int | None]:

@@ -183,12 +183,12 @@ def _freeze_unused(model: nn.Module) -> None:
 
 
 def _build_model(cfg: TrainConfig, vocab_size: int, device: torch.device):
-    import rwkvkit
     from .. import models
+    from ..checkpoint import load
     from ..init import init_weights
 
     if cfg.init_from:
-        model = rwkvkit.load(cfg.init_from, dtype=torch.float32)
+        model = load(cfg.init_from, dtype=torch.float32)
         # Training runs the exact model: ln0 at run time, no fp16 rescaling.
         model.for_training()
         if model.config.vocab_size < vocab_size:
@@ -256,10 +256,10 @@ def _trainable(module: nn.Module) -> dict[str, torch.Tensor]:
 def _save_model(model: nn.Module, folder: Path) -> None:
     """An rwkvkit folder for RWKV models; model.pt (a state dict) for the custom
     models :func:`train` also accepts (e.g. a baseline Transformer)."""
-    import rwkvkit
+    from ..checkpoint import save
 
     if isinstance(model, RWKVBase):
-        rwkvkit.save(model, folder)
+        save(model, folder)
     else:
         with atomic_dir(folder) as tmp:
             torch.save(model.state_dict(), tmp / "model.pt")
@@ -280,10 +280,10 @@ def _save_model_state(model: nn.Module, sd: dict[str, torch.Tensor], folder: Pat
 
 
 def _read_model_weights(model: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
-    import rwkvkit
+    from ..checkpoint import load
 
     if isinstance(model, RWKVBase):
-        return rwkvkit.load(folder, dtype=torch.float32).state_dict()
+        return load(folder, dtype=torch.float32).state_dict()
     return torch.load(folder / "model.pt", map_location="cpu")
 
 
@@ -679,7 +679,7 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
 def _export(out: Path, module: nn.Module, cfg: TrainConfig, full_sd: dict | None = None) -> None:
     """The usable result: OUT/model (rwkvkit folder), OUT/adapter, OUT/state.safetensors.
     ``full_sd``: the gathered weights of an FSDP run."""
-    import rwkvkit
+    from ..checkpoint import save
 
     inner = _unwrap_parallel(module)
     if full_sd is not None:
@@ -690,7 +690,7 @@ def _export(out: Path, module: nn.Module, cfg: TrainConfig, full_sd: dict | None
         inner.save_pretrained(str(out / "adapter"))
         if cfg.merge_lora:
             merged = inner.merge_and_unload()
-            rwkvkit.save(merged, out / "model")
+            save(merged, out / "model")
     else:
         inner.initial_state(1).detach().save(out / "state.safetensors")
 
