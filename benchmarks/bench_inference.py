@@ -1,4 +1,4 @@
-"""CPU inference speed: rwkvkit (fp32, int8) vs the `rwkv` package vs HF, and the machine's ceilings.
+"""CPU inference speed: rwkvkit (fp32, bf16, fp16, int8) vs the `rwkv` package vs HF, and the machine's ceilings.
 
 One run measures, side by side on the same random weights
 (rwkvkit.init.random_state_dict) and the same tokens, for each model shape:
@@ -7,21 +7,26 @@ One run measures, side by side on the same random weights
   prompt-all    tokens/s of a T-token prompt in one call, logits at every position
   prompt-last   the same with the head only at the last position (what generation needs)
 
-for rwkvkit fp32, rwkvkit int8 (rwkvkit.quant), the `rwkv` pip package
+for rwkvkit fp32, rwkvkit bf16 and fp16 (the same weights rounded, as
+rwkvkit.load keeps an official bf16 file: the fused decoder reads 2 bytes per
+weight, prompts run PyTorch's parallel form in that dtype), rwkvkit int8
+(rwkvkit.quant), the `rwkv` pip package
 (strategy "cpu fp32"; JIT as chosen by --pip-jit) and HF transformers'
 RwkvForCausalLM (rescale_every=0, logits_to_keep=1 for prompt-last), and the
 two physical ceilings measured in the same process:
 
   memory bandwidth  GB/s of reading a 512 MiB tensor (best of torch sum and torch mv); decode ceiling = GB/s /
                     bytes of weights read per token (every matrix once, plus
-                    one embedding row)
+                    one embedding row): rows "ceiling fp32", "ceiling 2-byte"
+                    (bf16/fp16 matrices; RWKV-7's LoRAs stay fp32) and "ceiling int8"
   matmul rate       GFLOP/s of a large fp32 torch.mm; prompt ceiling = rate /
                     FLOPs per token (2 per weight of the blocks, plus the head
                     for prompt-all)
 
 Every figure is the median of --repeats timed runs after a warm-up, timed with
-time.perf_counter.  It also prints the int8 model's logit error against fp32
-on the prompt.
+time.perf_counter.  It also prints the int8, bf16 and fp16 models' logit
+errors against fp32 on the prompt (the parallel form; the fused decoder's
+half-precision accuracy is stated in tests/test_half_decode.py).
 
     .venv/bin/python benchmarks/bench_inference.py                  # both shapes, 2 threads
     .venv/bin/python benchmarks/bench_inference.py --shape 169m --threads 2 --tokens 512
@@ -70,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is printed (default 5)")
     p.add_argument("--prompt-repeats", type=int, default=3, help="timed prompt runs per figure (default 3)")
     p.add_argument("--pip-jit", choices=["0", "1"], default="1", help="RWKV_JIT_ON for the rwkv package (default 1)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["pip", "hf", "int8", "ceilings"], help="leave these out")
+    p.add_argument("--skip", nargs="*", default=[], choices=["pip", "hf", "int8", "half", "ceilings"], help="leave these out")
     p.add_argument("--huge-pages", action="store_true", help="rwkvkit's decoder asks for 2 MiB pages (Linux; runtime.accelerate(model, huge_pages=True))")
     p.add_argument("--pip7-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -143,25 +148,28 @@ def weight_counts7(cfg) -> tuple[int, int, int]:
     return L * (4 * C * C + 2 * C * F), lora, V * C
 
 
-def decode_bytes7(cfg, int8: bool) -> int:
+def decode_bytes7(cfg, int8: bool, wbytes: int | None = None) -> int:
     """RWKV-7 bytes per decoded token: the matrices (projections and head int8
-    with one fp32 scale per row under int8; the LoRAs stay fp32), one
-    embedding row, the per-channel vectors and the state (read and written)."""
+    with one fp32 scale per row under int8, or ``wbytes`` bytes per weight; the
+    LoRAs stay fp32), one embedding row, the per-channel vectors and the state
+    (read and written)."""
     blocks, lora, head = weight_counts7(cfg)
     C, L = cfg.n_embd, cfg.n_layer
     rows = L * (5 * C + cfg.dim_ffn) + cfg.vocab_size
-    matrices = (blocks + head) * (1 if int8 else 4) + (rows * 4 if int8 else 0) + lora * 4
+    wb = wbytes or (1 if int8 else 4)
+    matrices = (blocks + head) * wb + (rows * 4 if int8 else 0) + lora * 4
     vectors = (L * 19 * C + 2 * C) * 4
     return matrices + C * 4 + vectors + 2 * cfg.state_bytes_per_sequence
 
 
-def decode_bytes(cfg, int8: bool) -> int:
-    """Bytes read from memory per decoded token: every matrix once, one embedding row,
-    the per-channel vectors and the state (read and written)."""
+def decode_bytes(cfg, int8: bool, wbytes: int | None = None) -> int:
+    """Bytes read from memory per decoded token: every matrix once (``wbytes``
+    bytes per weight if given), one embedding row, the per-channel vectors and
+    the state (read and written)."""
     blocks, head = weight_counts(cfg)
     C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
     rows = L * (3 * A + C + cfg.dim_ffn + 2 * C) + cfg.vocab_size  # one scale per output row
-    matrices = (blocks + head) * (1 if int8 else 4) + (rows * 4 if int8 else 0)
+    matrices = (blocks + head) * (wbytes or (1 if int8 else 4)) + (rows * 4 if int8 else 0)
     vectors = (L * (4 * C + 2 * A + 5 * C) + 2 * C) * 4
     state = 2 * cfg.state_bytes_per_sequence
     return matrices + C * 4 + vectors + state
@@ -287,6 +295,37 @@ class HFRunner:
         return out.logits[0]
 
 
+def add_half_runners(torch, runners, cls, cfg, sd, args) -> None:
+    """rwkvkit bf16 and fp16: the same weights rounded, as rwkvkit.load keeps a half file."""
+    from rwkvkit import runtime
+
+    if "half" in args.skip:
+        return
+    for label, dtype in (("rwkvkit bf16", torch.bfloat16), ("rwkvkit fp16", torch.float16)):
+        m = cls(cfg)
+        m.load_state_dict(sd)
+        m = runtime.accelerate(m.to(dtype).eval(), huge_pages=args.huge_pages)
+        print(f"   {label}: {m.decode_kernel}")
+        runners[label] = RwkvkitRunner(torch, m)
+
+
+HALF_PAIRS = [("rwkvkit bf16 / rwkvkit fp32", "rwkvkit bf16", "rwkvkit fp32"),
+              ("rwkvkit fp16 / rwkvkit fp32", "rwkvkit fp16", "rwkvkit fp32"),
+              ("rwkvkit bf16 / 2-byte ceiling", "rwkvkit bf16", "ceiling 2-byte"),
+              ("rwkvkit fp16 / 2-byte ceiling", "rwkvkit fp16", "ceiling 2-byte")]
+
+
+def print_logit_errors(outputs, tokens: int) -> None:
+    for label in ("rwkvkit int8", "rwkvkit bf16", "rwkvkit fp16"):
+        if label not in outputs:
+            continue
+        ref, got = outputs["rwkvkit fp32"], outputs[label]
+        d = (ref - got).abs()
+        top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+        print(f"   {label.split()[1]} vs fp32 logits over the {tokens}-token prompt: max |diff| {d.max().item():.4f}, "
+              f"mean |diff| {d.mean().item():.5f} (logit std {ref.std().item():.3f}), top-1 agreement {100 * top1:.1f}%")
+
+
 # ----------------------------------------------------------------- measuring
 def bench_shape7(torch, name: str, args, tmp: Path, ceilings: dict | None) -> None:
     from rwkvkit import runtime
@@ -305,6 +344,7 @@ def bench_shape7(torch, name: str, args, tmp: Path, ceilings: dict | None) -> No
     fp32 = RWKV7(cfg)
     fp32.load_state_dict(sd)
     runners["rwkvkit fp32"] = RwkvkitRunner(torch, runtime.accelerate(fp32.eval(), huge_pages=args.huge_pages))
+    add_half_runners(torch, runners, RWKV7, cfg, sd, args)
     if "int8" not in args.skip:
         int8 = RWKV7(cfg)
         int8.load_state_dict(sd)
@@ -355,6 +395,7 @@ def bench_shape7(torch, name: str, args, tmp: Path, ceilings: dict | None) -> No
             "prompt-all": rate * 1e9 / (2 * (blocks + lora + head)),
             "prompt-last": rate * 1e9 / (2 * (blocks + lora)),
         }
+        rows["ceiling 2-byte"] = {"decode": bw * 1e9 / decode_bytes7(cfg, int8=False, wbytes=2)}
         rows["ceiling int8"] = {"decode": bw * 1e9 / decode_bytes7(cfg, int8=True)}
     print_tables(torch, rows, outputs, args)
 
@@ -369,17 +410,13 @@ def print_tables(torch, rows, outputs, args) -> None:
              ("rwkvkit fp32 / ceiling", "rwkvkit fp32", "ceiling fp32"),
              ("rwkvkit int8 / rwkv pkg", "rwkvkit int8", "rwkv pkg"),
              ("rwkvkit int8 / int8 ceiling", "rwkvkit int8", "ceiling int8"),
-             ("rwkvkit int8 / rwkvkit fp32", "rwkvkit int8", "rwkvkit fp32")]
+             ("rwkvkit int8 / rwkvkit fp32", "rwkvkit int8", "rwkvkit fp32"), *HALF_PAIRS]
     for text, a, b in pairs:
         if a in rows and b in rows:
             ra, rb = rows[a], rows[b]
             print(f"   {text:<28}" + "".join(f"{ra[c] / rb[c]:14.2f}" if c in ra and c in rb else f"{'':>14}" for c in cols))
-    if "rwkvkit int8" in outputs:
-        ref, got = outputs["rwkvkit fp32"], outputs["rwkvkit int8"]
-        d = (ref - got).abs()
-        top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-        print(f"\n   int8 vs fp32 logits over the {args.tokens}-token prompt: max |diff| {d.max().item():.4f}, "
-              f"mean |diff| {d.mean().item():.5f} (logit std {ref.std().item():.3f}), top-1 agreement {100 * top1:.1f}%")
+    print()
+    print_logit_errors(outputs, args.tokens)
     for other in ("rwkv pkg", "HF"):
         if other in outputs:
             diff = (outputs["rwkvkit fp32"] - outputs[other]).abs().max().item()
@@ -402,6 +439,7 @@ def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> Non
     fp32 = RWKV(cfg)
     fp32.load_state_dict(sd)
     runners["rwkvkit fp32"] = RwkvkitRunner(torch, runtime.accelerate(fp32.eval(), huge_pages=args.huge_pages))
+    add_half_runners(torch, runners, RWKV, cfg, sd, args)
     if "int8" not in args.skip:
         int8 = RWKV(cfg)
         int8.load_state_dict(sd)
@@ -447,6 +485,7 @@ def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> Non
             "prompt-all": rate * 1e9 / (2 * (blocks + head)),
             "prompt-last": rate * 1e9 / (2 * blocks),
         }
+        rows["ceiling 2-byte"] = {"decode": bw * 1e9 / decode_bytes(cfg, int8=False, wbytes=2)}
         rows["ceiling int8"] = {"decode": bw * 1e9 / decode_bytes(cfg, int8=True)}
 
     cols = ("decode", "prompt-all", "prompt-last")
@@ -460,19 +499,15 @@ def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> Non
              ("rwkvkit fp32 / ceiling", "rwkvkit fp32", "ceiling fp32"),
              ("rwkvkit int8 / rwkv pkg", "rwkvkit int8", "rwkv pkg"),
              ("rwkvkit int8 / int8 ceiling", "rwkvkit int8", "ceiling int8"),
-             ("rwkvkit int8 / rwkvkit fp32", "rwkvkit int8", "rwkvkit fp32")]
+             ("rwkvkit int8 / rwkvkit fp32", "rwkvkit int8", "rwkvkit fp32"), *HALF_PAIRS]
     del ours
     for text, a, b in pairs:
         if a in rows and b in rows:
             ra, rb = rows[a], rows[b]
             print(f"   {text:<28}" + "".join(f"{ra[c] / rb[c]:14.2f}" if c in ra and c in rb else f"{'':>14}" for c in cols))
 
-    if "rwkvkit int8" in outputs:
-        ref, got = outputs["rwkvkit fp32"], outputs["rwkvkit int8"]
-        d = (ref - got).abs()
-        top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-        print(f"\n   int8 vs fp32 logits over the {args.tokens}-token prompt: max |diff| {d.max().item():.4f}, "
-              f"mean |diff| {d.mean().item():.5f} (logit std {ref.std().item():.3f}), top-1 agreement {100 * top1:.1f}%")
+    print()
+    print_logit_errors(outputs, args.tokens)
     for other in ("rwkv pkg", "HF"):
         if other in outputs:
             diff = (outputs["rwkvkit fp32"] - outputs[other]).abs().max().item()

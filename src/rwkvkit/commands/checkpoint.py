@@ -55,11 +55,34 @@ def _human(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
+def _add_decode(info: dict) -> None:
+    """info["decode"]: which weights and one-token kernels ``rwkvkit.load`` (default dtype) would use here."""
+    if info.get("supported") is False:
+        return
+    import torch
+
+    from ..models import NICKNAMES
+    from ..runtime.infer_cpu import describe_checkpoint
+
+    gen = next((g for g, nick in NICKNAMES.items() if nick == info["generation"]), None)
+    if gen is None:
+        return
+    counts: dict[str, int] = {}
+    for name, n in info["dtypes"].items():
+        counts[name] = counts.get(name, 0) + n
+    dtype = torch.float32
+    if info["format"] != "rwkvcpp":  # rwkv.cpp files load as float32
+        best = max(counts, key=counts.get) if counts else "float32"
+        dtype = getattr(torch, best, torch.float32)
+    info["decode"] = f"on this CPU with the file's dtype: {describe_checkpoint(gen.split('.')[0], dtype)}"
+
+
 def run_info(args: argparse.Namespace) -> int:
     from ..checkpoint import inspect
     from ..models import NICKNAMES, REGISTRY
 
     info = inspect(args.path)
+    _add_decode(info)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -89,6 +112,8 @@ def run_info(args: argparse.Namespace) -> int:
         if key in info:
             rows.append((key, str(info[key])))
     rows.append(("file size", f"{info['file_bytes']:,} bytes ({_human(info['file_bytes'])})"))
+    if "decode" in info:
+        rows.append(("decode", info["decode"]))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k.ljust(width)}  {v}")

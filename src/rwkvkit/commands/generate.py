@@ -120,11 +120,15 @@ def _load(args, huge_pages: bool = False):
             raise RwkvkitError(f"the shipped model is missing from {path} (a broken installation?): pass --model PATH")
         dtype = dtype or "float32"  # stored in fp16 to keep the package small
     p = Path(path)
+    big = False
     if p.exists():
         size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.iterdir() if f.is_file())
         if size > BIG_MODEL_BYTES:
+            big = True
             print(f"loading {p} ({size / 2**30:.2f} GiB)...", file=sys.stderr, flush=True)
     model = load_model_arg(path, dtype=dtype, device=args.device, huge_pages=huge_pages)
+    if big:  # which weights and kernels decode (rwkvkit.runtime.decode_kernel)
+        print(f"decoding with the {getattr(model, 'decode_kernel', 'PyTorch step')}", file=sys.stderr, flush=True)
     if model.device.type == "cpu" and model.num_parameters() < SMALL_MODEL_PARAMS:
         # One RNN step of a small model is a few hundred tiny ops; extra
         # threads only add synchronisation (3-10x slower on a busy machine).

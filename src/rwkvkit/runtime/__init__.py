@@ -1,7 +1,7 @@
 """Inference accelerators: the layer above the models that the models never import.
 
 - :mod:`~rwkvkit.runtime.infer_cpu`: the fused C++ one-token step on the CPU
-  (fp32 and int8 weights), with optional 2 MiB pages for the weights;
+  (fp32, bf16, fp16 and int8 weights), with optional 2 MiB pages for the weights;
 - :mod:`~rwkvkit.runtime.quant`: int8 weight matrices (:func:`quantize_int8`);
 - :mod:`~rwkvkit.runtime.cuda_graph`: the decode step as one CUDA graph.
 
@@ -34,18 +34,32 @@ def accelerate(model, *, huge_pages: bool = False):
     """Attach the fastest one-token step this machine has for ``model``; in place.
 
     Generations without a fused decoder keep their PyTorch step (the hook
-    declines per call, so nothing changes for them).  Returns the model.
+    declines per call, so nothing changes for them).  Sets
+    ``model.decode_kernel``, one line saying which weights and kernels decode
+    (:func:`decode_kernel`; a description as of this call: casting or
+    quantising the model later changes what runs, re-ask then).  Returns the model.
     """
     model.step_accelerator = CpuStep(huge_pages=huge_pages)
     model._decode_plan = None
+    model.decode_kernel = decode_kernel(model)
     return model
+
+
+def decode_kernel(model) -> str:
+    """Which weights and which one-token step ``model`` decodes with here, in one line."""
+    from .infer_cpu import describe
+
+    return describe(model)
 
 
 def quantize_int8(model, head: bool = True):
     """Int8 weights with per-row scales, in place (see :mod:`rwkvkit.runtime.quant`)."""
     from .quant import quantize_int8 as _q
 
-    return _q(model, head=head)
+    out = _q(model, head=head)
+    if getattr(model, "step_accelerator", None) is not None:
+        model.decode_kernel = decode_kernel(model)
+    return out
 
 
-__all__ = ["accelerate", "quantize_int8", "CpuStep"]
+__all__ = ["accelerate", "decode_kernel", "quantize_int8", "CpuStep"]

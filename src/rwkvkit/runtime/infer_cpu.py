@@ -1,16 +1,31 @@
 """The fused CPU decoder: one C++ call per generated token (``csrc/infer_cpu.cpp``).
 
 An RWKV-4 or RWKV-7 model's ``forward`` uses it for T == 1 on the CPU when no gradient
-is recorded and the weights are float32 (or int8, see
+is recorded and the weight matrices are float32, bfloat16, float16 (or int8, see
 :mod:`rwkvkit.runtime.quant`), once :func:`rwkvkit.runtime.accelerate` has
-attached it.  The extension is built on first use with
+attached it.
+
+Half-precision weights (the official bf16 files, as ``rwkvkit.load`` keeps
+them) are read as stored, 2 bytes per weight, and widened to fp32 in
+registers: bf16 by a 16-bit shift, fp16 by vcvtph2ps / F16C, both exact.
+Everything else runs in fp32: the activations, the products' sums, the WKV
+state, LayerNorms; the per-channel vectors, LayerNorm parameters and RWKV-7's
+LoRA matrices of a half model are used through fp32 copies the plan makes once
+(exact: every bf16/fp16 value is a float).  So the fused step of a bf16 model
+computes the fp32 model on the bf16 weights, up to fp32 summation order; the
+model's own PyTorch step in bf16 rounds every activation to bf16 as well, and
+is less accurate (tests/test_half_decode.py states both errors).  AVX512-BF16
+dot products (vdpbf16ps, which also round the activations to bf16) are
+available with :func:`set_bf16_dot`; they are not the default: decoding is
+bound by memory bandwidth, so they gain little, and they double the error
+(see the measurements in tests/test_half_decode.py).  The extension is built on first use with
 ``torch.utils.cpp_extension`` (a few seconds; it includes only pybind11 and
 ATen/Parallel.h) and cached in torch's extension folder.  Where it cannot be
 built, one warning names the cause and the model keeps its pure-PyTorch RNN
 step, which gives the same logits, only slower.
 
 The C++ side receives raw data pointers; this module is where they are
-checked: every tensor is float32 (int8 for quantised weights), contiguous and
+checked: every tensor is float32 (int8, bf16 or fp16 for weight matrices), contiguous and
 on the CPU, with the shape the config says.  The table of pointers is cached
 per model and rebuilt whenever a tensor moved (``.to()``, a new Parameter) or a
 precomputed value's source changed in place (``time_decay``); see
@@ -54,6 +69,12 @@ V7_SLOTS = len(V7_VECTORS) + 5 * len(V7_LINEARS)
 # (the PyTorch step) to be faster than the fused kernel's row-block products
 # (measured on the 169M shape: even at 64, ahead at 128).
 MAX_BATCH = 64
+# Half-precision matrices with no SIMD family (a CPU without AVX2 + F16C, or
+# not x86): the scalar C++ loop converts and adds one weight at a time (2 tok/s
+# on the 169M shape here) while PyTorch's own bf16/fp16 step runs at ~37, so
+# the fused step steps aside for them.  Tests set this to check the scalar
+# kernels anyway.
+HALF_SCALAR = False
 
 
 def load_extension(force_fail: bool = False):
@@ -76,7 +97,7 @@ def load_extension(force_fail: bool = False):
 
         start = time.perf_counter()
         _log.info("building the fused CPU decoder (first use on this machine)")
-        ext = build_extension("rwkvkit_infer_cpu_v3", [str(_SOURCE)], _CFLAGS, "fused C++ decoder")
+        ext = build_extension("rwkvkit_infer_cpu_v4", [str(_SOURCE)], _CFLAGS, "fused C++ decoder")
         if ext.layer_slots() != LAYER_SLOTS or ext.layer_slots7() != V7_SLOTS:
             raise RuntimeError(
                 f"table layout mismatch: C++ has {ext.layer_slots()}/{ext.layer_slots7()} slots per layer, "
@@ -113,6 +134,24 @@ def set_isa(isa: int) -> int:
     return ext.set_isa(isa)
 
 
+def set_bf16_dot(on: bool | None) -> bool:
+    """bf16 matrices through AVX512-BF16 ``vdpbf16ps`` (True) or widened to fp32 (False, the default).
+
+    The dot-product form rounds the activations to bf16 too.  ``None`` only
+    asks.  Returns the mode in use: True only on a CPU with AVX512-BF16 (and
+    while the AVX-512 kernel family is selected).  For tests and benchmarks.
+    """
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError("the fused CPU decoder is not available")
+    return bool(ext.set_bf16_dot(-1 if on is None else int(bool(on))))
+
+
+# Kernel kind of a weight matrix, mirrored from the C++ `Kind` enum.
+_KINDS = {torch.float32: 0, torch.int8: 1, torch.bfloat16: 2, torch.float16: 3}
+_HALF = (torch.bfloat16, torch.float16)
+
+
 # --------------------------------------------------------------------- plan
 def _linear_entry(module, keep: list) -> list[int] | None:
     """(weight, scale, n, k, kind) of an nn.Linear or quant.Int8Linear, or None if unusable."""
@@ -127,10 +166,10 @@ def _linear_entry(module, keep: list) -> list[int] | None:
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor) or getattr(module, "bias", None) is not None:
         return None
-    if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu" or w.dim() != 2:
+    if w.dtype not in (torch.float32, *_HALF) or not w.is_contiguous() or w.device.type != "cpu" or w.dim() != 2:
         return None
     keep.append(w)
-    return [w.data_ptr(), 0, w.shape[0], w.shape[1], 0]
+    return [w.data_ptr(), 0, w.shape[0], w.shape[1], _KINDS[w.dtype]]
 
 
 def _is_int8(module) -> bool:
@@ -199,10 +238,12 @@ class DecodePlan:
         self.versions = tuple(t._version for t in self.derived)
         self.ok = False
         keep: list[torch.Tensor] = []
+        copied: list[torch.Tensor] = []  # sources of fp32 copies: derived values once the plan is made
         rows = []
 
         def vec(t: torch.Tensor, n: int) -> int | None:
-            if t.dtype != torch.float32 or t.device.type != "cpu" or t.numel() != n or not t.is_contiguous():
+            t = _fp32_vector(t, n, copied)
+            if t is None:
                 return None
             keep.append(t)
             return t.data_ptr()
@@ -235,6 +276,9 @@ class DecodePlan:
         self.head = torch.tensor(head, dtype=torch.int64)  # [5]
         self.ln_out = (lnw, lnb)
         self.keep = keep
+        self.derived = self.derived + copied
+        self.versions = tuple(t._version for t in self.derived)
+        self.kinds = frozenset(int(k) for k in self.table[:, _LIN0 + 4 :: 5].flatten().tolist()) | {int(head[4])}
         self.ok = True
         self.huge_bytes = use_huge_pages((t for t in keep if t.dim() == 2), enabled=huge_pages)
 
@@ -320,9 +364,11 @@ class DecodePlan7(DecodePlan):
                     row.append(0)
                     continue
                 t = _get(block, name)
-                if not _usable(t, C):
+                if isinstance(t, torch.Tensor):
+                    watch.append(t)
+                t = _fp32_vector(t, C, derived)
+                if t is None:
                     return self._decline(watch, derived)
-                watch.append(t)
                 keep.append(t)
                 row.append(t.data_ptr())
             for name in V7_LINEARS:
@@ -331,11 +377,11 @@ class DecodePlan7(DecodePlan):
                     continue
                 if name in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"):
                     src = getattr(att, name, None)
-                    if not isinstance(src, torch.Tensor) or src.dtype != torch.float32 or src.device.type != "cpu" or src.dim() != 2:
+                    if not isinstance(src, torch.Tensor) or src.dtype not in (torch.float32, *_HALF) or src.device.type != "cpu" or src.dim() != 2:
                         return self._decline(watch, derived)
                     watch.append(src)
                     derived.append(src)
-                    t = src.detach().t().contiguous()  # [out, in]
+                    t = src.detach().float().t().contiguous()  # [out, in], fp32 (LoRAs are small)
                     keep.append(t)
                     entry = [t.data_ptr(), 0, t.shape[0], t.shape[1], 0]
                     want_in = C if name.endswith("1") else None
@@ -360,8 +406,9 @@ class DecodePlan7(DecodePlan):
         watch += [model.ln_out.weight, model.ln_out.bias] + _linear_tensors(model.head)
         self._decline(watch, derived)  # records what to watch; ok stays False until the end
         head = _linear_entry(model.head, keep)
-        lnw, lnb = model.ln_out.weight, model.ln_out.bias
-        if head is None or tuple(head[2:4]) != (cfg.vocab_size, C) or not (_usable(lnw, C) and _usable(lnb, C)):
+        lnw, lnb = _fp32_vector(model.ln_out.weight, C, derived), _fp32_vector(model.ln_out.bias, C, derived)
+        self._decline(watch, derived)  # again: the ln_out copies' sources
+        if head is None or tuple(head[2:4]) != (cfg.vocab_size, C) or lnw is None or lnb is None:
             return
         keep += [lnw, lnb]
         self.table = torch.tensor(rows, dtype=torch.int64)  # [L, V7_SLOTS]
@@ -369,6 +416,10 @@ class DecodePlan7(DecodePlan):
         self.head = torch.tensor(head, dtype=torch.int64)
         self.ln_out = (lnw.data_ptr(), lnb.data_ptr())
         self.keep = keep
+        # Kinds of the big matrices (the LoRAs always run as fp32 copies).
+        lin = [V7_LINEARS.index(n) for n in ("receptance", "key", "value", "output", "ffn.key", "ffn.value")]
+        cols = [len(V7_VECTORS) + 5 * j + 4 for j in lin]
+        self.kinds = frozenset(int(k) for k in self.table[:, cols].flatten().tolist()) | {int(head[4])}
         self.ok = True
         self.huge_bytes = use_huge_pages((t for t in keep if t.dim() == 2 and t.numel() >= C * C), enabled=huge_pages)
 
@@ -391,6 +442,29 @@ def _usable(t, n: int) -> bool:
         isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
         and t.numel() == n and t.is_contiguous()
     )
+
+
+def _fp32_vector(t, n: int, derived: list) -> torch.Tensor | None:
+    """A per-channel vector as the kernel reads it: itself if float32, else an
+    fp32 copy (exact for bf16/fp16) whose source joins ``derived`` so an
+    in-place change to it rebuilds the plan; None if unusable."""
+    if _usable(t, n):
+        return t
+    if not (isinstance(t, torch.Tensor) and t.dtype in _HALF and t.device.type == "cpu" and t.numel() == n):
+        return None
+    derived.append(t)
+    return t.detach().float().contiguous().view(-1)
+
+
+def _embed_fp32(model, ids: torch.Tensor) -> torch.Tensor:
+    """LN0(emb[ids]) [B, C] in fp32: the folded table if there is one, else
+    the LayerNorm computed in fp32 on the stored rows (for a half model, what
+    the fp32 model on the same weights computes; the same op for fp32)."""
+    if model.emb_folded is not None:
+        return F.embedding(ids, model.emb_folded).float().contiguous()
+    ln0 = model.blocks[0].ln0
+    e = model.emb(ids).float()
+    return F.layer_norm(e, (e.shape[-1],), ln0.weight.float(), ln0.bias.float(), ln0.eps).contiguous()
 
 
 def plan_for(model, huge_pages: bool = False) -> DecodePlan | None:
@@ -420,17 +494,12 @@ def step(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool
     if ext is None:
         return None
     plan = plan_for(model, huge_pages)
-    if plan is None:
+    if plan is None or not _fast_enough(ext, plan):
         return None
     cfg = model.config
     B = tokens.shape[0]
     C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
-    ids = tokens[:, 0]
-    if model.emb_folded is not None:
-        x = F.embedding(ids, model.emb_folded)
-    else:
-        x = model.blocks[0].ln0(model.emb(ids))
-    x = x.float().contiguous()  # [B, C], updated in place by the kernel
+    x = _embed_fp32(model, tokens[:, 0])  # [B, C], updated in place by the kernel
     src = [t.float().contiguous() for t in state.tensors()]
     dst = State(
         att_x=torch.empty(L, B, C),
@@ -461,12 +530,12 @@ def _step7(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bo
     if ext is None:
         return None
     plan = plan_for(model, huge_pages)
-    if plan is None:
+    if plan is None or not _fast_enough(ext, plan):
         return None
     cfg = model.config
     B = tokens.shape[0]
     C, H, N, L = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.n_layer
-    x = model.embed(tokens[:, :1])[:, 0].float().contiguous()  # [B, C], updated in place by the kernel
+    x = _embed_fp32(model, tokens[:, 0])  # [B, C], updated in place by the kernel
     src = [t.float().contiguous() for t in (state.att_x, state.att_kv, state.ffn_x)]
     dst = MatrixState(
         att_x=torch.empty(L, B, C), att_kv=torch.empty(L, B, H, N, N), ffn_x=torch.empty(L, B, C), generation="7"
@@ -483,6 +552,71 @@ def _step7(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bo
     return (logits.unsqueeze(1) if logits is not None else None), dst
 
 
+def _fast_enough(ext, plan) -> bool:
+    """False for half-precision matrices when only the scalar kernels exist (see HALF_SCALAR)."""
+    return HALF_SCALAR or ext.get_isa() > 0 or not (plan.kinds & {2, 3})
+
+
+_ISA_NAMES = {0: "scalar C++", 1: "AVX2", 2: "AVX-512"}
+_KIND_NAMES = {0: "fp32", 1: "int8", 2: "bf16", 3: "fp16"}
+
+
+def describe(model) -> str:
+    """One line saying which weights and which one-token step ``model`` decodes with on this machine.
+
+    What ``model.decode_kernel`` holds (set by :func:`rwkvkit.runtime.accelerate`)
+    and the CLI prints when it loads a model.  Builds (or loads) the extension
+    and a throw-away plan; changes nothing.
+    """
+    dtype = str(getattr(model, "dtype", "?")).removeprefix("torch.")
+    torch_step = f"PyTorch step ({dtype})"
+    if getattr(model, "step_accelerator", None) is None:
+        return f"{torch_step}: no accelerator attached"
+    if model.device.type != "cpu":
+        return f"{torch_step} on {model.device.type}"
+    gen = model.config.generation
+    if gen not in ("4", "7"):
+        return f"{torch_step}: the fused CPU decoder serves RWKV-4 and RWKV-7, this is RWKV-{gen}"
+    ext = load_extension()
+    if ext is None:
+        return f"{torch_step}: the fused CPU decoder could not be built"
+    try:
+        plan = (DecodePlan7 if gen == "7" else DecodePlan)(model)
+    except Exception as exc:  # a describer must not break loading
+        return f"{torch_step}: no decode plan ({type(exc).__name__}: {exc})"
+    if not plan.ok:
+        return f"{torch_step}: weights the fused CPU decoder does not take (it takes fp32, bf16, fp16, int8 on the CPU)"
+    return _fused_text(ext, plan.kinds, torch_step, dtype)
+
+
+def _fused_text(ext, kinds: frozenset, torch_step: str, dtype: str) -> str:
+    isa = ext.get_isa()
+    names = "+".join(_KIND_NAMES[k] for k in sorted(kinds))
+    if not (HALF_SCALAR or isa > 0 or not (kinds & {2, 3})):
+        return f"{torch_step}: {names} weights and no AVX2/AVX-512 on this CPU (PyTorch's {dtype} step is faster than scalar C++)"
+    how = _ISA_NAMES[isa]
+    if 2 in kinds:
+        how += ", bf16 by AVX512-BF16 dot products (activations rounded to bf16)" if isa == 2 and ext.set_bf16_dot(-1) else ", bf16 widened to fp32 (exact)"
+    if 3 in kinds:
+        how += ", fp16 widened by " + ("vcvtph2ps" if isa == 2 else "F16C" if isa == 1 else "software") + " (exact)"
+    return f"fused C++ step: {names} weights, {how}, fp32 accumulation and state"
+
+
+def describe_checkpoint(generation: str, dtype: torch.dtype) -> str:
+    """What :func:`describe` will say of a CPU model of ``generation`` loaded in
+    ``dtype`` (for ``rwkvkit info``, which builds no model)."""
+    name = str(dtype).removeprefix("torch.")
+    torch_step = f"PyTorch step ({name})"
+    if generation not in ("4", "7"):
+        return f"{torch_step}: the fused CPU decoder serves RWKV-4 and RWKV-7, this is RWKV-{generation}"
+    if dtype not in _KINDS or dtype == torch.int8:
+        return f"{torch_step}: weights the fused CPU decoder does not take"
+    ext = load_extension()
+    if ext is None:
+        return f"{torch_step}: the fused CPU decoder could not be built"
+    return _fused_text(ext, frozenset({_KINDS[dtype]}), torch_step, name)
+
+
 def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
     """x [M, K] fp32 @ (int8 qweight [N, K] * scale [N, 1])^T with the extension's kernel; None if unavailable."""
     ext = load_extension()
@@ -493,4 +627,23 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch
     N = qweight.shape[0]
     y = torch.empty(M, N)
     ext.linear(qweight.data_ptr(), scale.data_ptr(), N, K, 1, x.data_ptr(), M, y.data_ptr())
+    return y
+
+
+def matvec(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] fp32 @ W [N, K]^T with the decoder's kernels as now selected
+    (:func:`set_isa`, :func:`set_bf16_dot`): W float32, bfloat16, float16, or
+    int8 with per-row ``scale``.  The kernels alone, for tests."""
+    ext = load_extension()
+    if ext is None:
+        raise RuntimeError("the fused CPU decoder is not available")
+    x = x.float().contiguous()
+    w = w.contiguous()
+    M, K = x.shape
+    N = w.shape[0]
+    if w.shape[1] != K or w.dtype not in _KINDS or (w.dtype == torch.int8) != (scale is not None):
+        raise ValueError("matvec: W must be [N, K] float32/bfloat16/float16, or int8 with a scale")
+    s = scale.float().contiguous() if scale is not None else None
+    y = torch.empty(M, N)
+    ext.linear(w.data_ptr(), s.data_ptr() if s is not None else 0, N, K, _KINDS[w.dtype], x.data_ptr(), M, y.data_ptr())
     return y

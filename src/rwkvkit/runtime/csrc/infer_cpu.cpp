@@ -1,4 +1,6 @@
-// One RNN step (T = 1) of the whole RWKV-4 model on the CPU, fp32 or int8 weights.
+// One RNN step (T = 1) of the whole RWKV-4 / RWKV-7 model on the CPU, with
+// fp32, int8, bf16 or fp16 weight matrices (2-byte weights are read as they
+// are stored and widened to fp32 in registers: fp32 accumulation throughout).
 //
 // Decoding one token reads every weight matrix once and does ~2 FLOPs per
 // weight, so it is bound by memory bandwidth; what costs beyond that is
@@ -35,13 +37,21 @@
 
 namespace {
 
-// A linear layer as the Python side describes it: W [n, k] row-major, fp32
-// (kind 0) or int8 with one fp32 scale per output row (kind 1).
+// A linear layer as the Python side describes it: W [n, k] row-major, of kind
+// K_F32 (fp32), K_I8 (int8 with one fp32 scale per output row), K_BF16 or
+// K_F16 (2-byte weights; the products are accumulated in fp32).
 struct Lin {
   const void* w;
   const float* scale;
   int64_t n, k, kind;
 };
+
+enum Kind { K_F32 = 0, K_I8 = 1, K_BF16 = 2, K_F16 = 3 };
+
+template <int KIND>
+constexpr int elem_size() {
+  return KIND == K_F32 ? 4 : KIND == K_I8 ? 1 : 2;
+}
 
 // Epilogues of a matrix-vector job.  The last three are RWKV-7's LoRA
 // activations; LOGW is its log-decay -exp(-0.5) * sigmoid(bias + y).
@@ -56,41 +66,91 @@ constexpr int64_t WKV_CHUNK = 128;  // channels per task of the element-wise WKV
 using BlockFn = void (*)(const Lin&, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out);
 
 // ---------------------------------------------------------------- scalar
-void block_scalar(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+// Exact conversions of the 2-byte formats to fp32 (every bf16 and fp16 value,
+// subnormals, infinities and NaNs included, is a float).
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t ex = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (ex == 0) {
+    const float f = std::ldexp(static_cast<float>(man), -24);  // zero or subnormal
+    return sign ? -f : f;
+  }
+  if (ex == 31) bits = sign | 0x7f800000u | (man << 13);
+  else bits = sign | ((ex + 112u) << 23) | (man << 13);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int KIND>
+inline float weight_at(const void* W, int64_t j) {
+  if (KIND == K_F32) return static_cast<const float*>(W)[j];
+  if (KIND == K_I8) return static_cast<float>(static_cast<const int8_t*>(W)[j]);
+  if (KIND == K_BF16) return bf16_to_float(static_cast<const uint16_t*>(W)[j]);
+  return half_to_float(static_cast<const uint16_t*>(W)[j]);
+}
+
+template <int KIND>
+void block_scalar_t(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
   for (int r = 0; r < nr; ++r) {
     for (int b = 0; b < nb; ++b) {
       const float* xb = x + b * ldx;
+      const int64_t base = (row0 + r) * L.k;
       float s = 0.f;
-      if (L.kind == 0) {
-        const float* w = static_cast<const float*>(L.w) + (row0 + r) * L.k;
-        for (int64_t i = 0; i < L.k; ++i) s += w[i] * xb[i];
-      } else {
-        const int8_t* w = static_cast<const int8_t*>(L.w) + (row0 + r) * L.k;
-        for (int64_t i = 0; i < L.k; ++i) s += static_cast<float>(w[i]) * xb[i];
-      }
+      for (int64_t i = 0; i < L.k; ++i) s += weight_at<KIND>(L.w, base + i) * xb[i];
       out[r * BT + b] = s;
     }
   }
 }
 
+void block_scalar(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  switch (L.kind) {
+    case K_I8: block_scalar_t<K_I8>(L, row0, nr, x, ldx, nb, out); break;
+    case K_BF16: block_scalar_t<K_BF16>(L, row0, nr, x, ldx, nb, out); break;
+    case K_F16: block_scalar_t<K_F16>(L, row0, nr, x, ldx, nb, out); break;
+    default: block_scalar_t<K_F32>(L, row0, nr, x, ldx, nb, out); break;
+  }
+}
+
 #if RK_X86
 // ---------------------------------------------------------------- AVX-512
-template <bool I8>
+// 16 weights as fp32.  bf16 is the top half of an fp32, so widening is a
+// zero-extension and a 16-bit shift (exact); fp16 goes through vcvtph2ps (exact).
+template <int KIND>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16(const void* base, int64_t off, __mmask16 m) {
-  if (I8) {
+  if (KIND == K_I8) {
     const __m128i q = _mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(base) + off);
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
   }
+  if (KIND == K_BF16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + off);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  if (KIND == K_F16) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + off));
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + off);
 }
 
-// Unmasked form for whole 16-element chunks: the byte load folds into vpmovsxbd.
-template <bool I8>
+// Unmasked form for whole 16-element chunks: the load folds into the conversion.
+template <int KIND>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16_full(const void* base, int64_t off) {
-  if (I8) {
+  if (KIND == K_I8) {
     const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + off));
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
   }
+  if (KIND == K_BF16) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  if (KIND == K_F16)
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + off)));
   return _mm512_loadu_ps(static_cast<const float*>(base) + off);
 }
 
@@ -98,7 +158,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16_fu
 // pointers and fully unrolled inner loops (else it stores them every step).
 #define RK_UNROLL _Pragma("GCC unroll 16")
 
-template <bool I8, int NR, int NB>
+template <int KIND, int NR, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const Lin& L, int64_t row0,
                                                                          const float* __restrict x, int64_t ldx,
                                                                          float* __restrict out) {
@@ -110,14 +170,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const L
   // streams; the hardware prefetcher catches those late when K is small (int8
   // rows of 768 bytes ran at ~10 GB/s, under half the bandwidth).  So prefetch
   // the next call's stretch linearly, LINES cache lines per step of 16 weights.
-  constexpr int ESZ = I8 ? 1 : 4;
+  constexpr int ESZ = elem_size<KIND>();
   constexpr int LINES = NR * 16 * ESZ / 64 > 0 ? NR * 16 * ESZ / 64 : 1;
   const char* next = static_cast<const char*>(W) + (row0 + NR) * K * ESZ;
   int64_t i = 0;
   for (; i + 16 <= K; i += 16) {
     RK_UNROLL for (int p = 0; p < LINES; ++p) _mm_prefetch(next + i * NR * ESZ + p * 64, _MM_HINT_T0);
     __m512 w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16_full<I8>(W, (row0 + r) * K + i);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16_full<KIND>(W, (row0 + r) * K + i);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + b * ldx + i);
       RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
@@ -126,7 +186,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const L
   if (i < K) {
     const __mmask16 m = static_cast<__mmask16>((1u << (K - i)) - 1u);
     __m512 w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16<I8>(W, (row0 + r) * K + i, m);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16<KIND>(W, (row0 + r) * K + i, m);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + b * ldx + i);
       RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
@@ -137,62 +197,137 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const L
   }
 }
 
-template <bool I8, int NR>
+template <int KIND, int NR>
 void block512_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
   switch (nb) {
-    case 1: block512_t<I8, NR, 1>(L, row0, x, ldx, out); break;
-    case 2: block512_t<I8, NR, 2>(L, row0, x, ldx, out); break;
-    case 3: block512_t<I8, NR, 3>(L, row0, x, ldx, out); break;
-    default: block512_t<I8, NR, 4>(L, row0, x, ldx, out); break;
+    case 1: block512_t<KIND, NR, 1>(L, row0, x, ldx, out); break;
+    case 2: block512_t<KIND, NR, 2>(L, row0, x, ldx, out); break;
+    case 3: block512_t<KIND, NR, 3>(L, row0, x, ldx, out); break;
+    default: block512_t<KIND, NR, 4>(L, row0, x, ldx, out); break;
   }
+}
+
+template <int KIND>
+void block512_rows(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  int r = 0;
+  for (; r + KR <= nr; r += KR) block512_nb<KIND, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
+  for (; r < nr; ++r) block512_nb<KIND, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
 }
 
 void block_avx512(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
-  const bool i8 = L.kind == 1;
+  switch (L.kind) {
+    case K_I8: block512_rows<K_I8>(L, row0, nr, x, ldx, nb, out); break;
+    case K_BF16: block512_rows<K_BF16>(L, row0, nr, x, ldx, nb, out); break;
+    case K_F16: block512_rows<K_F16>(L, row0, nr, x, ldx, nb, out); break;
+    default: block512_rows<K_F32>(L, row0, nr, x, ldx, nb, out); break;
+  }
+}
+
+// ------------------------------------------------- AVX-512 BF16 dot products
+// bf16 weights with vdpbf16ps: 32 weights per instruction against the
+// activations rounded to bf16 (vcvtne2ps2bf16, round to nearest even), fp32
+// accumulation.  Faster in the core, but it rounds the activations as well as
+// the weights (a relative error of up to 2^-9 per product); opt-in, see
+// set_bf16_dot and infer_cpu.py.
+#define RK_BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,fma"
+
+template <int NR, int NB>
+__attribute__((target(RK_BF16_TARGET))) void block512dp_t(const Lin& L, int64_t row0, const float* __restrict x,
+                                                          int64_t ldx, float* __restrict out) {
+  const int64_t K = L.k;
+  const uint16_t* W = static_cast<const uint16_t*>(L.w);
+  __m512 acc[NR * NB];
+  RK_UNROLL for (int j = 0; j < NR * NB; ++j) acc[j] = _mm512_setzero_ps();
+  constexpr int LINES = NR;  // NR rows x 32 weights x 2 bytes per step = NR lines
+  const char* next = reinterpret_cast<const char*>(W + (row0 + NR) * K);
+  int64_t i = 0;
+  for (; i + 32 <= K; i += 32) {
+    RK_UNROLL for (int p = 0; p < LINES; ++p) _mm_prefetch(next + i * NR * 2 + p * 64, _MM_HINT_T0);
+    __m512i w[NR];
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = _mm512_loadu_si512(W + (row0 + r) * K + i);
+    RK_UNROLL for (int b = 0; b < NB; ++b) {
+      const float* xb = x + b * ldx + i;
+      const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + 16), _mm512_loadu_ps(xb));
+      RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_dpbf16_ps(acc[r * NB + b], (__m512bh)w[r], xv);
+    }
+  }
+  if (i < K) {
+    const int rem = static_cast<int>(K - i);
+    const __mmask32 mw = static_cast<__mmask32>((1ull << rem) - 1ull);
+    const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
+    const __mmask16 mhi = static_cast<__mmask16>(rem > 16 ? (1u << (rem - 16)) - 1u : 0u);
+    __m512i w[NR];
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = _mm512_maskz_loadu_epi16(mw, W + (row0 + r) * K + i);
+    RK_UNROLL for (int b = 0; b < NB; ++b) {
+      const float* xb = x + b * ldx + i;
+      const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xb + 16), _mm512_maskz_loadu_ps(mlo, xb));
+      RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_dpbf16_ps(acc[r * NB + b], (__m512bh)w[r], xv);
+    }
+  }
+  RK_UNROLL for (int r = 0; r < NR; ++r) {
+    RK_UNROLL for (int b = 0; b < NB; ++b) out[r * BT + b] = _mm512_reduce_add_ps(acc[r * NB + b]);
+  }
+}
+
+template <int NR>
+void block512dp_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
+  switch (nb) {
+    case 1: block512dp_t<NR, 1>(L, row0, x, ldx, out); break;
+    case 2: block512dp_t<NR, 2>(L, row0, x, ldx, out); break;
+    case 3: block512dp_t<NR, 3>(L, row0, x, ldx, out); break;
+    default: block512dp_t<NR, 4>(L, row0, x, ldx, out); break;
+  }
+}
+
+void block_avx512_dp(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  if (L.kind != K_BF16) return block_avx512(L, row0, nr, x, ldx, nb, out);
   int r = 0;
-  for (; r + KR <= nr; r += KR) {
-    if (i8) block512_nb<true, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
-    else block512_nb<false, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
-  }
-  for (; r < nr; ++r) {
-    if (i8) block512_nb<true, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
-    else block512_nb<false, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
-  }
+  for (; r + KR <= nr; r += KR) block512dp_nb<KR>(L, row0 + r, x, ldx, nb, out + r * BT);
+  for (; r < nr; ++r) block512dp_nb<1>(L, row0 + r, x, ldx, nb, out + r * BT);
 }
 
 // ---------------------------------------------------------------- AVX2
-template <bool I8>
-__attribute__((target("avx2,fma"))) inline __m256 load8(const void* base, int64_t off) {
-  if (I8) {
+// (F16C comes with every AVX2 CPU; detect_isa checks it anyway.)
+#define RK_AVX2_TARGET "avx2,fma,f16c"
+
+template <int KIND>
+__attribute__((target(RK_AVX2_TARGET))) inline __m256 load8(const void* base, int64_t off) {
+  if (KIND == K_I8) {
     const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + off));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
   }
+  if (KIND == K_BF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + off));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  if (KIND == K_F16)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + off)));
   return _mm256_loadu_ps(static_cast<const float*>(base) + off);
 }
 
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+__attribute__((target(RK_AVX2_TARGET))) inline float hsum256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 
-template <bool I8, int NR, int NB>
-__attribute__((target("avx2,fma"))) void block256_t(const Lin& L, int64_t row0, const float* __restrict x,
-                                                    int64_t ldx, float* __restrict out) {
+template <int KIND, int NR, int NB>
+__attribute__((target(RK_AVX2_TARGET))) void block256_t(const Lin& L, int64_t row0, const float* __restrict x,
+                                                        int64_t ldx, float* __restrict out) {
   const int64_t K = L.k;
   const void* W = L.w;
   __m256 acc[NR * NB];
   RK_UNROLL for (int j = 0; j < NR * NB; ++j) acc[j] = _mm256_setzero_ps();
   // Linear prefetch of the next call's rows, as in block512_t.
-  constexpr int ESZ = I8 ? 1 : 4;
+  constexpr int ESZ = elem_size<KIND>();
   constexpr int LINES = NR * 8 * ESZ / 64 > 0 ? NR * 8 * ESZ / 64 : 1;
   const char* next = static_cast<const char*>(W) + (row0 + NR) * K * ESZ;
   int64_t i = 0;
   for (; i + 8 <= K; i += 8) {
     RK_UNROLL for (int p = 0; p < LINES; ++p) _mm_prefetch(next + i * NR * ESZ + p * 64, _MM_HINT_T0);
     __m256 w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load8<I8>(W, (row0 + r) * K + i);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load8<KIND>(W, (row0 + r) * K + i);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m256 xv = _mm256_loadu_ps(x + b * ldx + i);
       RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm256_fmadd_ps(w[r], xv, acc[r * NB + b]);
@@ -202,56 +337,65 @@ __attribute__((target("avx2,fma"))) void block256_t(const Lin& L, int64_t row0, 
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       float s = hsum256(acc[r * NB + b]);
       const float* xb = x + b * ldx;
-      for (int64_t j = i; j < K; ++j) {
-        const float wj = I8 ? static_cast<float>(static_cast<const int8_t*>(W)[(row0 + r) * K + j])
-                            : static_cast<const float*>(W)[(row0 + r) * K + j];
-        s += wj * xb[j];
-      }
+      for (int64_t j = i; j < K; ++j) s += weight_at<KIND>(W, (row0 + r) * K + j) * xb[j];
       out[r * BT + b] = s;
     }
   }
 }
 
-template <bool I8, int NR>
+template <int KIND, int NR>
 void block256_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
   switch (nb) {
-    case 1: block256_t<I8, NR, 1>(L, row0, x, ldx, out); break;
-    case 2: block256_t<I8, NR, 2>(L, row0, x, ldx, out); break;
-    case 3: block256_t<I8, NR, 3>(L, row0, x, ldx, out); break;
-    default: block256_t<I8, NR, 4>(L, row0, x, ldx, out); break;
+    case 1: block256_t<KIND, NR, 1>(L, row0, x, ldx, out); break;
+    case 2: block256_t<KIND, NR, 2>(L, row0, x, ldx, out); break;
+    case 3: block256_t<KIND, NR, 3>(L, row0, x, ldx, out); break;
+    default: block256_t<KIND, NR, 4>(L, row0, x, ldx, out); break;
   }
 }
 
-void block_avx2(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
-  const bool i8 = L.kind == 1;
+template <int KIND>
+void block256_rows(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
   int r = 0;
-  for (; r + KR <= nr; r += KR) {
-    if (i8) block256_nb<true, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
-    else block256_nb<false, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
-  }
-  for (; r < nr; ++r) {
-    if (i8) block256_nb<true, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
-    else block256_nb<false, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+  for (; r + KR <= nr; r += KR) block256_nb<KIND, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
+  for (; r < nr; ++r) block256_nb<KIND, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+}
+
+void block_avx2(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  switch (L.kind) {
+    case K_I8: block256_rows<K_I8>(L, row0, nr, x, ldx, nb, out); break;
+    case K_BF16: block256_rows<K_BF16>(L, row0, nr, x, ldx, nb, out); break;
+    case K_F16: block256_rows<K_F16>(L, row0, nr, x, ldx, nb, out); break;
+    default: block256_rows<K_F32>(L, row0, nr, x, ldx, nb, out); break;
   }
 }
 #endif  // RK_X86
 
 int g_isa = -1;  // -1 unset; 0 scalar, 1 AVX2, 2 AVX-512
+int g_bf16_dot = 0;  // 1: bf16 matrices through vdpbf16ps (AVX-512 family, CPU with AVX512-BF16 only)
 
 int detect_isa() {
 #if RK_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
     return 2;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return 1;
 #endif
   return 0;
+}
+
+bool cpu_has_bf16_dot() {
+#if RK_X86
+  __builtin_cpu_init();
+  return detect_isa() == 2 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
 }
 
 BlockFn block_fn() {
   if (g_isa < 0) g_isa = detect_isa();
 #if RK_X86
-  if (g_isa == 2) return block_avx512;
+  if (g_isa == 2) return g_bf16_dot ? block_avx512_dp : block_avx512;
   if (g_isa == 1) return block_avx2;
 #endif
   return block_scalar;
@@ -770,9 +914,10 @@ void step7(int64_t table, int64_t n_layer, int64_t B, int64_t C, int64_t H, int6
 int layer_slots7() { return V7_SLOTS; }
 
 // y [B, n] = x [B, k] @ W^T (times the row scales for int8): the kernel alone,
+// with the kernel family and bf16 mode now selected,
 // for the int8 linear layers outside the fused step and for tests.
 void linear(int64_t w, int64_t scale, int64_t n, int64_t k, int64_t kind, int64_t x, int64_t B, int64_t y) {
-  if (kind < 0 || kind > 1) throw std::invalid_argument("linear: kind must be 0 (fp32) or 1 (int8)");
+  if (kind < 0 || kind > 3) throw std::invalid_argument("linear: kind must be 0 (fp32), 1 (int8), 2 (bf16) or 3 (fp16)");
   const Lin L{P<const void>(w), P<const float>(scale), n, k, kind};
   const BlockFn fn = block_fn();
   const int nt = std::max(1, at::get_num_threads());
@@ -793,14 +938,32 @@ int set_isa(int isa) {
   return g_isa;
 }
 
+int get_isa() {
+  if (g_isa < 0) g_isa = detect_isa();
+  return g_isa;
+}
+
+// bf16 matrices through vdpbf16ps (1) or widened exactly to fp32 (0, the
+// default); -1 asks without changing.  Returns the mode now in use: 1 only
+// where the CPU has AVX512-BF16 (it applies while the AVX-512 family is).
+int set_bf16_dot(int on) {
+  if (on >= 0) g_bf16_dot = (on > 0 && cpu_has_bf16_dot()) ? 1 : 0;
+  return g_bf16_dot;
+}
+
+bool has_bf16_dot() { return cpu_has_bf16_dot(); }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rwkvkit: fused RNN step of RWKV-4 and RWKV-7 on the CPU (fp32 / int8 weights)";
+  m.doc() = "rwkvkit: fused RNN step of RWKV-4 and RWKV-7 on the CPU (fp32 / int8 / bf16 / fp16 weights)";
   m.def("step", &step);
   m.def("linear", &linear);
   m.def("layer_slots", &layer_slots);
   m.def("step7", &step7);
   m.def("layer_slots7", &layer_slots7);
   m.def("set_isa", &set_isa);
+  m.def("get_isa", &get_isa);
+  m.def("set_bf16_dot", &set_bf16_dot);
+  m.def("has_bf16_dot", &has_bf16_dot);
 }
