@@ -305,7 +305,7 @@ def add_half_runners(torch, runners, cls, cfg, sd, args) -> None:
         m = cls(cfg)
         m.load_state_dict(sd)
         m = runtime.accelerate(m.to(dtype).eval(), huge_pages=args.huge_pages)
-        print(f"   {label}: {m.decode_kernel}")
+        print(f"   {label}: decode {m.decode_kernel}; prompts {m.prompt_matmul}")
         runners[label] = RwkvkitRunner(torch, m)
 
 

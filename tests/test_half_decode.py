@@ -405,3 +405,54 @@ def test_cli_load_message_names_the_kernel(ext, tmp_path, capsys, monkeypatch):
     assert line, err
     if ext.get_isa() > 0:
         assert "fused C++ step: bf16 weights" in line[0]
+
+
+# ------------------------------------------------------------ half-precision prompts
+@pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
+def test_prompts_without_native_half_matmul_run_in_fp32(ext, dtype, monkeypatch):
+    """Where the CPU has no native half matmul, accelerate() makes the half model's
+    Linear layers multiply many-row inputs in fp32 (UpcastLinear): the same
+    parameters, products within fp32 rounding of the exact ones before the final
+    rounding to the half dtype; training and the one-token step keep the plain product."""
+    monkeypatch.setattr(runtime, "native_half_matmul", lambda dt: False)
+    cfg = CFG4B
+    sd = random_state_dict(cfg, seed=31)
+    plain = RWKV(cfg)
+    plain.load_state_dict(sd)
+    plain.to(dtype).eval()
+    up = runtime.accelerate(copy_of(plain))
+    assert "widened to fp32" in up.prompt_matmul
+    lin = up.blocks[0].att.key
+    assert isinstance(lin, runtime.UpcastLinear) and isinstance(lin, torch.nn.Linear)
+    assert list(up.state_dict()) == list(plain.state_dict())
+    x = torch.randn(40, cfg.n_embd).to(dtype)
+    with torch.no_grad():
+        y = lin(x)
+        exact = (x.double() @ lin.weight.double().t())
+    assert y.dtype == dtype
+    # fp32 sum then one rounding to the half format: within half an ulp of the format plus the fp32 bound.
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    bound = ulp * exact.abs() + (cfg.n_embd + 2) * 2.0**-24 * (x.double().abs() @ lin.weight.double().abs().t()) * 2
+    assert ((y.double() - exact).abs() <= bound + 1e-30).all()
+    # With autograd: the plain half product, bit for bit.
+    xg = x.clone().requires_grad_(True)
+    assert torch.equal(lin(xg), torch.nn.functional.linear(xg, lin.weight))
+    # The prompt's logits are at least as close to the fp32 model as the plain half model's.
+    ref = RWKV(cfg)
+    ref.load_state_dict({k: v.to(dtype).float() for k, v in sd.items()})
+    tokens = _tokens(cfg.vocab_size, 1, 48, seed=1)
+    with torch.no_grad():
+        want, _ = ref.eval()(tokens)
+        got, _ = up(tokens)
+        base, _ = plain(tokens)
+    assert (got - want).abs().max().item() <= 1.5 * (base - want).abs().max().item() + 1e-3
+    # Native hardware: nothing is swapped.
+    monkeypatch.setattr(runtime, "native_half_matmul", lambda dt: True)
+    nat = runtime.accelerate(copy_of(plain))
+    assert type(nat.blocks[0].att.key) is torch.nn.Linear and "native" in nat.prompt_matmul
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
