@@ -117,7 +117,7 @@ def _half_prompts(model) -> str:
         return f"PyTorch {str(dtype).removeprefix('torch.')} matmul"
     name = str(dtype).removeprefix("torch.")
     if native_half_matmul(dtype):
-        return f"PyTorch {name} matmul (native on this CPU: AMX)"
+        return f"PyTorch {name} matmul (native on this CPU)"
     for m in model.modules():
         if type(m) is nn.Linear and m.weight.dtype == dtype:
             m.__class__ = UpcastLinear
