@@ -37,12 +37,46 @@ def _is_cached(cpp_extension, name: str) -> bool:
     return any(folder.glob(f"{name}*.so"))
 
 
+# A build that was killed leaves torch's `lock` file behind, and torch then
+# waits for it forever.  A lock older than this is taken for such a leftover.
+STALE_LOCK_SECONDS = 20 * 60
+
+
+def _source_tag(sources: list[str], cflags: list[str]) -> str:
+    """A short hash of the sources (and the headers beside them) and the flags."""
+    import hashlib
+
+    h = hashlib.sha256(" ".join(cflags).encode())
+    files = sorted({Path(s) for s in sources} | {f for s in sources for f in Path(s).parent.glob("*.h")})
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def _clear_stale_lock(cpp_extension, name: str) -> None:
+    import time
+
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except Exception:  # no lock (the usual case), or the private helper moved
+        return
+    if age > STALE_LOCK_SECONDS:
+        print(f"rwkvkit: removing a build lock left {age / 60:.0f} minutes ago by an interrupted build: {lock}",
+              file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+
+
 def build_extension(name: str, sources: list[str], cflags: list[str], what: str):
     """Compile (or load the cached build of) an extension; raises on failure.
 
-    A first compile takes tens of seconds, so it is announced on stderr once
-    (a cache load is silent).
+    The build folder is named after a hash of the sources and flags, so two
+    versions of the code (two checkouts, an upgrade) never rebuild over each
+    other or load each other's half-built library.  A first compile takes tens
+    of seconds, so it is announced on stderr once (a cache load is silent).
     """
+    name = f"{name}_{_source_tag(sources, cflags)}"
     # torch logs "No CUDA runtime is found" when cpp_extension is imported on a
     # CPU-only machine: irrelevant here, and confusing in a user's terminal.
     logger = logging.getLogger("torch.utils.cpp_extension")
@@ -53,6 +87,7 @@ def build_extension(name: str, sources: list[str], cflags: list[str], what: str)
     finally:
         logger.setLevel(level)
     _put_ninja_on_path()
+    _clear_stale_lock(cpp_extension, name)
     if not _is_cached(cpp_extension, name):
         print(f"rwkvkit: compiling the {what} (first use on this machine; cached afterwards) ...", file=sys.stderr, flush=True)
     return cpp_extension.load(
