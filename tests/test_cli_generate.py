@@ -169,3 +169,57 @@ def test_readme_command_runs_the_shipped_model():
     )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.strip()) > 20
+
+
+# ------------------------------------------------------- file errors keep going
+def test_chat_save_to_an_impossible_path_goes_on(model_dir, model, tmp_path, capsys, monkeypatch):
+    """/save that cannot write reports why and the conversation goes on (the
+    old code ended the chat with a traceback); /load of a folder says so."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    good = tmp_path / "ok.safetensors"
+    script = f"hi\n/save {blocker}/x.safetensors\n/save {folder}\n/load {folder}\nhow are you\n/save {good}\n/quit\n"
+    rc, out, err = _run(["chat", "-m", str(model_dir), "--temperature", "0", "-n", "20"], capsys, stdin=script, monkeypatch=monkeypatch)
+    assert rc == 0, err
+    lines = out.split("\n")
+    assert any(line.startswith(f"(cannot save to {blocker}/x.safetensors: ") for line in lines), out
+    assert any(line.startswith(f"(cannot save to {folder}: ") for line in lines), out
+    assert any(line.startswith("(cannot load: ") and "is a directory" in line for line in lines), out
+    assert not any("does not exist" in line for line in lines)
+    # The second turn continued the first one's state.
+    opts = dict(max_tokens=20, temperature=0, stop=["\n\n"], want_state=True)
+    r1 = complete(model, "bytes", "User: hi\n\nAssistant:", **opts)[0]
+    turn2 = ("" if r1.finish_reason == "stop" else "\n\n") + "User: how are you\n\nAssistant:"
+    r2 = complete(model, "bytes", turn2, state=r1.state, **opts)[0]
+    assert f"Assistant:{r2.text}" in lines
+    assert rwkvkit.State.load(good).allclose(r2.state, rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a-folder", "ok.safetensors"]
+
+
+def test_generate_state_out_failure_keeps_the_text(model_dir, tmp_path, capsys, monkeypatch):
+    """A --state-out that fails when written: the text is printed, then one
+    error line and exit 1 (the old code ended in a traceback)."""
+    args = ["generate", "-m", str(model_dir), "-p", "ROMEO:", "--temperature", "0", "-n", "15"]
+    rc, want, _ = _run(args, capsys)
+    assert rc == 0
+    from rwkvkit import state as state_mod
+
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_mod.StateBase, "save", full_disk)
+    rc, out, err = _run(args + ["--state-out", str(tmp_path / "s.safetensors")], capsys)
+    assert rc == 1 and out == want
+    assert err.count("\n") == 1 and err.startswith("rwkvkit generate: error: the text was generated but the state could not be saved")
+    assert "No space left on device" in err
+
+
+@pytest.mark.parametrize("where", ["folder", "under-a-file"])
+def test_generate_state_out_that_cannot_be_a_file_is_refused_first(model_dir, tmp_path, capsys, where):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    dest = tmp_path if where == "folder" else blocker / "s.safetensors"
+    rc, out, err = _run(["generate", "-m", str(model_dir), "-p", "x", "-n", "3", "--state-out", str(dest)], capsys)
+    assert rc == 1 and out == "" and err.count("\n") == 1 and "--state-out" in err

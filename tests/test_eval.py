@@ -428,3 +428,18 @@ def test_cli_bench_tiny(tmp_path, capsys):
     assert rc == 1 and "divisible by" in err
     rc, out, err = _cli(["bench", "--shape", "tiny", "--tokens", "0"], capsys)
     assert rc == 1 and "--tokens" in err
+
+
+def test_eval_help_names_the_adapter_command(capsys):
+    """`rwkvkit eval --help` names the lm-eval command that works (the one
+    docs/eval.md gives), not `lm_eval --model rwkvkit`, which lm_eval cannot
+    resolve without importing the adapter."""
+    from conftest import REPO
+    from rwkvkit import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "`lm_eval --model rwkvkit" not in out
+    assert "python -m rwkvkit.lm_eval_adapter --model rwkvkit --model_args path=" in out
+    assert "python -m rwkvkit.lm_eval_adapter --model rwkvkit --model_args path=" in (REPO / "docs" / "eval.md").read_text()

@@ -84,7 +84,7 @@ class RwkvkitLM(TemplateLM):
             device = "cpu"
         if model is None:
             if path is None:
-                raise RwkvkitError("lm_eval --model rwkvkit needs --model_args path=CHECKPOINT")
+                raise RwkvkitError("the rwkvkit lm-eval model needs --model_args path=CHECKPOINT (python -m rwkvkit.lm_eval_adapter --model rwkvkit --model_args path=...)")
             model = load_model_arg(path, dtype=dtype, device=device)
         self.model = model.eval()
         self.tok = tokenizer_for_model(self.model, path, tokenizer)

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "file from `rwkvkit prepare`, read in windows with the RNN state carried (constant memory, any length). "
         "--task lambada: last-word accuracy and target perplexity with the protocol of the RWKV papers' script "
         "(context after a prefix token: 0 for World-vocabulary models as in the RWKV-7 script, else the newline; the target is a space and the last word). For the "
-        "lm-evaluation-harness tasks use `lm_eval --model rwkvkit` (pip install \"rwkvkit[eval]\").",
+        "lm-evaluation-harness tasks run `python -m rwkvkit.lm_eval_adapter --model rwkvkit --model_args path=MODEL "
+        "--tasks TASKS` (pip install \"rwkvkit[eval]\"; docs/eval.md).",
         epilog="examples: rwkvkit eval -m model.pth --task ppl --data book.txt --json out.json\n"
         "          rwkvkit eval -m RWKV-4-Pile-169M.pth --task lambada --data lambada_test.jsonl --tokenizer 20B",
         formatter_class=argparse.RawDescriptionHelpFormatter,

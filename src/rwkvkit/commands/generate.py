@@ -187,6 +187,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise RwkvkitError("the prompt is empty: give at least one character")
     opts = _options(args, args.stop)
     GenerationConfig.from_kwargs(**opts).validate()  # flag errors before loading a model
+    if args.state_out:
+        _check_state_out(args.state_out)
     model, tok = _load(args)
     state = _load_state(args.state_in, model) if args.state_in else None
     pieces = stream(model, tok, prompt, state=state, want_state=bool(args.state_out), **opts)
@@ -196,9 +198,33 @@ def run_generate(args: argparse.Namespace) -> int:
         _write(piece)
     _write("\n")
     if args.state_out:
-        pieces.result.state.save(args.state_out)
+        # The text is already out; a state that cannot be written is an error
+        # of its own, after it, not a traceback that hides it.
+        try:
+            pieces.result.state.save(args.state_out)
+        except OSError as exc:
+            raise RwkvkitError(f"the text was generated but the state could not be saved to '{args.state_out}': {_os_reason(exc)}") from None
         print(f"state saved to {args.state_out}", file=sys.stderr)
     return 0
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError as words (its errno text), without the temp file's name."""
+    return exc.strerror or str(exc)
+
+
+def _check_state_out(path: str) -> None:
+    """Refuse a --state-out that can never be written before generating."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise RwkvkitError(f"--state-out '{path}' is a directory: give a file name such as {p / 'state.safetensors'}")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RwkvkitError(f"--state-out '{path}': '{parent}' is a file, not a folder")
+            break
 
 
 # -------------------------------------------------------------------- chat
@@ -255,8 +281,13 @@ def run_chat(args: argparse.Namespace) -> int:
                 elif state is None:
                     print("(nothing to save yet)")
                 else:
-                    state.save(arg)
-                    print(f"(state saved to {arg})")
+                    try:
+                        state.save(arg)
+                        print(f"(state saved to {arg})")
+                    except (OSError, RwkvkitError) as exc:
+                        # The conversation goes on; only the file was not written.
+                        reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
+                        print(f"(cannot save to {arg}: {reason})")
             elif cmd == "/load":
                 if not arg:
                     print("usage: /load FILE")
@@ -264,7 +295,7 @@ def run_chat(args: argparse.Namespace) -> int:
                     try:
                         state, needs_break = _load_state(arg, model), False
                         print(f"(state loaded from {arg})")
-                    except RwkvkitError as exc:
+                    except (OSError, RwkvkitError) as exc:
                         print(f"(cannot load: {exc})")
             else:
                 print(f"(unknown command {cmd}; /help lists them)")
