@@ -225,21 +225,6 @@ def test_version_100_quantized_is_refused(tmp_path):
         rwkvkit.load(path)
 
 
-@pytest.mark.parametrize(
-    "name,generation",
-    [("5v1-730K-FP32", "RWKV-5"), ("5v2-730K-Q5_1", "RWKV-5.2"), ("6v0-3m-Q5_0", "RWKV-6")],
-)
-def test_rwkvcpp_files_of_rwkv5_and_6_are_refused(name, generation):
-    """rwkvkit runs RWKV-5/6 from official files; rwkv.cpp's transformed v5/v6
-    tensors (spec 7.1) are refused in one line naming the generation and the
-    tensor, by load and by info, rather than run as if they were official."""
-    path = shared_file(f"rwkvcpp/other_versions/tiny-rwkv-{name}.bin")
-    for call in (rwkvkit.load, checkpoint.inspect):
-        with pytest.raises(UnsupportedModelError, match=f"rwkv.cpp {generation.replace('.', '[.]')} file") as exc:
-            call(path)
-        assert "blocks.0.att.time_" in str(exc.value) and "\n" not in str(exc.value)
-
-
 def test_rwkvcpp_writer_round_trip(tmp_path):
     src = shared_file("rwkvcpp/tiny-rwkv-4v0-660K-FP32.bin")
     model = rwkvkit.load(src)
@@ -420,9 +405,10 @@ def test_hf_name_table_matches_tests_mapping():
         assert checkpoint.hf_to_official(hf_key(key)) == key
 
 
-def test_hf_other_generation_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "rwkv6", "architectures": ["Rwkv6ForCausalLM"]}))
-    with pytest.raises(UnsupportedModelError, match="RWKV-6"):
+def test_hf_other_model_type_is_refused(tmp_path):
+    # rwkv5/rwkv6 folders are read (tests/test_rwkv56_checkpoint.py); other model types are named.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="model_type 'mamba'.*expected one of.*'rwkv6' .Rwkv6ForCausalLM."):
         rwkvkit.load(tmp_path)
 
 

@@ -7,8 +7,10 @@ Formats are recognised by their content, never by the file name:
 - ``safetensors``: one ``.safetensors`` file with the official key names;
 - ``hf``: a Hugging Face folder (``config.json`` with ``model.safetensors``
   or ``pytorch_model.bin``, sharded or not): transformers' ``RwkvForCausalLM``
-  (RWKV-4, model_type "rwkv") or fla's ``RWKV7ForCausalLM`` (RWKV-7,
-  model_type "rwkv7", the fla-hub layout);
+  (RWKV-4, model_type "rwkv"), the RWKV org's remote-code
+  ``Rwkv5ForCausalLM`` / ``Rwkv6ForCausalLM`` (RWKV-5.2 / RWKV-6, model_type
+  "rwkv5" / "rwkv6") or fla's ``RWKV7ForCausalLM`` (RWKV-7, model_type
+  "rwkv7", the fla-hub layout);
 - ``rwkvcpp``: an rwkv.cpp ``.bin`` (FP32, FP16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0;
   see :mod:`rwkvkit.rwkvcpp`), dequantised on load;
 - ``rwkvkit``: rwkvkit's own folder, ``config.json`` (the
@@ -104,10 +106,51 @@ HF7_NAME_TABLE: tuple[tuple[str, str, "str | None"], ...] = (
     ("ln_out.{p}", "model.norm.{p}", None),
     ("head.weight", "lm_head.weight", None),
 )
+# The RWKV org's remote-code Rwkv5ForCausalLM (RWKV-5.2 only; RWKV/rwkv-5-world-*
+# modeling_rwkv5.py): transformers' RWKV-4 names plus the gate, ln_x, time_faaaa
+# (H, N) and time_decay (H, N).  No shape changes.  {n} is a projection, the
+# gate included.
+HF5_NAME_TABLE: tuple[tuple[str, str], ...] = (
+    ("emb.weight", "rwkv.embeddings.weight"),
+    ("blocks.0.ln0.{p}", "rwkv.blocks.0.pre_ln.{p}"),
+    ("blocks.{i}.ln1.{p}", "rwkv.blocks.{i}.ln1.{p}"),
+    ("blocks.{i}.ln2.{p}", "rwkv.blocks.{i}.ln2.{p}"),
+    ("blocks.{i}.att.time_decay", "rwkv.blocks.{i}.attention.time_decay"),
+    ("blocks.{i}.att.time_faaaa", "rwkv.blocks.{i}.attention.time_faaaa"),
+    ("blocks.{i}.att.time_mix_k", "rwkv.blocks.{i}.attention.time_mix_key"),
+    ("blocks.{i}.att.time_mix_v", "rwkv.blocks.{i}.attention.time_mix_value"),
+    ("blocks.{i}.att.time_mix_r", "rwkv.blocks.{i}.attention.time_mix_receptance"),
+    ("blocks.{i}.att.time_mix_g", "rwkv.blocks.{i}.attention.time_mix_gate"),
+    ("blocks.{i}.att.{n}.weight", "rwkv.blocks.{i}.attention.{n}.weight"),
+    ("blocks.{i}.att.ln_x.{p}", "rwkv.blocks.{i}.attention.ln_x.{p}"),
+    ("blocks.{i}.ffn.time_mix_k", "rwkv.blocks.{i}.feed_forward.time_mix_key"),
+    ("blocks.{i}.ffn.time_mix_r", "rwkv.blocks.{i}.feed_forward.time_mix_receptance"),
+    ("blocks.{i}.ffn.{m}.weight", "rwkv.blocks.{i}.feed_forward.{m}.weight"),
+    ("ln_out.{p}", "rwkv.ln_out.{p}"),
+    ("head.weight", "head.weight"),
+)
+# The RWKV org's remote-code Rwkv6ForCausalLM (RWKV/rwkv-6-world-*
+# modeling_rwkv6.py; rwkv5-7 spec 2.6): the official parameter names and shapes
+# under rwkv.blocks.{i}.attention / .feed_forward ({t} a time_* parameter).
+HF6_NAME_TABLE: tuple[tuple[str, str], ...] = (
+    ("emb.weight", "rwkv.embeddings.weight"),
+    ("blocks.0.ln0.{p}", "rwkv.blocks.0.pre_ln.{p}"),
+    ("blocks.{i}.ln1.{p}", "rwkv.blocks.{i}.ln1.{p}"),
+    ("blocks.{i}.ln2.{p}", "rwkv.blocks.{i}.ln2.{p}"),
+    ("blocks.{i}.att.{t}", "rwkv.blocks.{i}.attention.{t}"),
+    ("blocks.{i}.att.{n}.weight", "rwkv.blocks.{i}.attention.{n}.weight"),
+    ("blocks.{i}.att.ln_x.{p}", "rwkv.blocks.{i}.attention.ln_x.{p}"),
+    ("blocks.{i}.ffn.{t}", "rwkv.blocks.{i}.feed_forward.{t}"),
+    ("blocks.{i}.ffn.{m}.weight", "rwkv.blocks.{i}.feed_forward.{m}.weight"),
+    ("ln_out.{p}", "rwkv.ln_out.{p}"),
+    ("head.weight", "head.weight"),
+)
 _PLACEHOLDERS = {
     "i": r"(?P<i>\d+)",
     "p": r"(?P<p>weight|bias)",
     "m": r"(?P<m>key|value|receptance|output)",
+    "n": r"(?P<n>key|value|receptance|output|gate)",
+    "t": r"(?P<t>time_(?:maa_[xwkvrg]|maa_w[12]|decay|decay_w[12]|faaaa))",
     "c": r"(?P<c>[rwkvag])",
     "x": r"(?P<x>[wavg])",
     "y": r"(?P<y>[wav])",
@@ -145,10 +188,18 @@ def _layout(generation: str, model_type: str, architecture: str, table) -> HFLay
 # generation -> the layout rwkvkit writes; model_type -> the layout it reads.
 HF_LAYOUTS = {
     "4": _layout("4", "rwkv", "RwkvForCausalLM", HF_NAME_TABLE),
+    "5.2": _layout("5.2", "rwkv5", "Rwkv5ForCausalLM", HF5_NAME_TABLE),
+    "6": _layout("6", "rwkv6", "Rwkv6ForCausalLM", HF6_NAME_TABLE),
     "7": _layout("7", "rwkv7", "RWKV7ForCausalLM", HF7_NAME_TABLE),
 }
 # fla renamed its model_type to "rwkv7_fla" in 2025; both mean the same layout.
-HF_MODEL_TYPES = {"rwkv": HF_LAYOUTS["4"], "rwkv7": HF_LAYOUTS["7"], "rwkv7_fla": HF_LAYOUTS["7"]}
+HF_MODEL_TYPES = {
+    "rwkv": HF_LAYOUTS["4"],
+    "rwkv5": HF_LAYOUTS["5.2"],
+    "rwkv6": HF_LAYOUTS["6"],
+    "rwkv7": HF_LAYOUTS["7"],
+    "rwkv7_fla": HF_LAYOUTS["7"],
+}
 _TO_HF = HF_LAYOUTS["4"].to_hf
 _FROM_HF = HF_LAYOUTS["4"].from_hf
 
@@ -199,7 +250,17 @@ def state_dict_to_hf(sd: Mapping[str, torch.Tensor], generation: str) -> dict[st
     v0/v1/v2 (unused) are dropped, since fla's layer 0 has no v_lora."""
     layout = HF_LAYOUTS.get(generation)
     if layout is None:
+        if generation in ("5", "5.1"):
+            raise CheckpointError(
+                f"the Hugging Face Rwkv5ForCausalLM holds RWKV-5.2 only (per-channel decay and time_faaaa), not RWKV-{generation}; "
+                "write this model as pth, safetensors or rwkvkit instead"
+            )
         raise CheckpointError(f"rwkvkit writes Hugging Face folders of {', '.join(models.NICKNAMES[g] for g in HF_LAYOUTS)}, not RWKV-{generation}")
+    if generation == "5.2" and "blocks.0.att.time_first" in sd:
+        raise CheckpointError(
+            "the Hugging Face Rwkv5ForCausalLM holds the bonus as time_faaaa; this RWKV-5.2 model has time_first (log u): "
+            "write it as pth, safetensors or rwkvkit instead"
+        )
     out: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
         if generation == "7" and key in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"):
@@ -313,10 +374,56 @@ def detect_generation(tensors: Mapping[str, Any], non_tensors: Iterable[str] = (
     return (gen if gen in models.REGISTRY else label), hit
 
 
+# Names only RWKV-5 has among the keys an RWKV-4 file could share with it.
+_RWKV5_ONLY = (".att.time_faaaa", ".att.gate.weight", ".att.time_mix_g")
+
+
+def _rwkv5_without_ln_x(tensors: Mapping[str, Any]) -> str | None:
+    """The key showing that tensors read as RWKV-4 (no ``att.ln_x``) are an
+    RWKV-5 model that lost its GroupNorm: an RWKV-5-only name, or a
+    ``time_decay`` shaped per head ((H,), (H, N), rwkv.cpp's (H, N, 1)) rather
+    than RWKV-4's (C_att,)."""
+    keys = sorted(tensors)
+    hit = next((k for k in keys if k.endswith(_RWKV5_ONLY)), None)
+    if hit:
+        return hit
+    key = tensors.get("blocks.0.att.key.weight")
+    decay = tensors.get("blocks.0.att.time_decay")
+    if key is None or decay is None or len(key.shape) != 2 or len(decay.shape) == 0:
+        return None
+    per_head = len(decay.shape) > 1 or (decay.shape[0] < key.shape[0] and key.shape[0] % decay.shape[0] == 0)
+    return "blocks.0.att.time_decay" if per_head else None
+
+
+def _refuse_headless_rwkv5(path: Path, tensors: Mapping[str, Any]) -> None:
+    hit = _rwkv5_without_ln_x(tensors)
+    if hit:
+        raise CheckpointError(
+            f"'{path}' is an RWKV-5 checkpoint missing tensor 'blocks.0.att.ln_x.weight' (it has '{hit}' "
+            f"with shape {tuple(tensors[hit].shape)}, but no per-head GroupNorm ln_x, which every RWKV-5 layer has): "
+            "the file is incomplete"
+        )
+
+
+def _refuse_time_state(path: Path, tensors: Mapping[str, Any]) -> None:
+    """State-tuned files (spec 2.3) carry ``att.time_state``, a trained initial
+    WKV state per layer.  rwkvkit does not load it (its models start from the
+    zero state); refuse it by name rather than drop it silently."""
+    hit = next((k for k in sorted(tensors) if k.endswith(".att.time_state")), None)
+    if hit:
+        raise CheckpointError(
+            f"'{path}' is a state-tuned checkpoint: '{hit}' (shape {tuple(tensors[hit].shape)}) is a trained initial WKV "
+            "state, which rwkvkit does not load; remove the att.time_state tensors to run the base weights"
+        )
+
+
 def check_generation(ck: Checkpoint) -> str:
     """The generation of a checkpoint rwkvkit runs; UnsupportedModelError otherwise."""
     gen, key, label = models.detect(ck.tensors, ck.non_tensors)
+    if gen == "4":
+        _refuse_headless_rwkv5(ck.path, ck.tensors)
     if gen in models.REGISTRY:
+        _refuse_time_state(ck.path, ck.tensors)
         return gen
     if gen == "pip":
         raise UnsupportedModelError(
@@ -443,13 +550,7 @@ def _read_hf(path: Path, meta: bool) -> Checkpoint:
     archs = cfg.get("architectures") or []
     layout = HF_MODEL_TYPES.get(mtype)
     if layout is None:
-        gen = {"rwkv5": "RWKV-5 (Eagle)", "rwkv6": "RWKV-6 (Finch)"}.get(mtype)
         known = ", ".join(f"'{t}' ({lay.architecture})" for t, lay in HF_MODEL_TYPES.items())
-        if gen:
-            raise UnsupportedModelError(
-                f"'{path}' is an {gen} Hugging Face model (model_type '{mtype}'); rwkvkit reads Hugging Face folders "
-                f"of model_type {', '.join(repr(t) for t in HF_MODEL_TYPES)} only: load the official .pth instead"
-            )
         raise CheckpointError(f"'{path / CONFIG}' has model_type {mtype!r} (architectures {archs}); expected one of {known}")
     files: list[Path]
     if (path / "model.safetensors").is_file():
@@ -536,6 +637,8 @@ def _read_rwkvcpp(path: Path, meta: bool, progress: bool) -> Checkpoint:
     details = {"version": header.version, "main_type": header.type_name, "n_vocab": header.n_vocab, "n_embed": header.n_embed, "n_layer": header.n_layer}
     ck = Checkpoint(path, "rwkvcpp", raw, _file_bytes(path), stored=stored, details=details)
     gen = models.detect(raw)[0]
+    if gen == "4":  # before RWKV-4's transform misreads an RWKV-5 decay
+        _refuse_headless_rwkv5(path, raw)
     if gen in rwkvcpp.TRANSFORMS:
         ck.tensors = rwkvcpp.to_official(raw, gen)
     return ck
@@ -590,6 +693,8 @@ def infer_config(ck: Checkpoint) -> ModelConfig:
             )
         if hasattr(cfg, "rwkvcpp_compatible"):
             cfg = cfg.rwkvcpp_compatible()
+    if ck.format == "hf":
+        cfg = _hf_numerics(cfg, ck.details["config"])
     if ck.format == "rwkvkit":
         saved = {k: v for k, v in ck.details["config"].items() if k not in ("format", "format_version")}
         stored_cfg = models.config_from_dict(saved)
@@ -607,6 +712,19 @@ def infer_config(ck: Checkpoint) -> ModelConfig:
                 )
         cfg = stored_cfg
     return cfg
+
+
+def _hf_numerics(cfg: ModelConfig, hf: Mapping[str, Any]) -> ModelConfig:
+    """RWKV-5/6 from a Hugging Face folder: the GroupNorm eps of ``ln_x`` is
+    ``1e-5 * head_size_divisor**2`` in the RWKV org's remote code (8 -> 64e-5,
+    the trained models' and the `rwkv` package's value, spec 3.1).  A config
+    without ``head_size_divisor`` keeps the model's default (64e-5)."""
+    hsd = hf.get("head_size_divisor")
+    if not hasattr(cfg, "group_norm_eps") or cfg.generation == "7" or hsd is None:
+        return cfg
+    if isinstance(hsd, bool) or not isinstance(hsd, (int, float)) or not hsd > 0:
+        raise CheckpointError(f"config.json has head_size_divisor {hsd!r}; expected a positive number")
+    return dataclasses.replace(cfg, group_norm_eps=1e-5 * float(hsd) ** 2)
 
 
 # --------------------------------------------------------------------- load
@@ -824,9 +942,13 @@ def save(model, folder: "str | os.PathLike") -> Path:
 
 
 def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
-    """A transformers ``RwkvConfig`` (RWKV-4) or fla ``RWKV7Config`` (RWKV-7), as config.json, for ``config``."""
+    """A transformers ``RwkvConfig`` (RWKV-4), the RWKV org's ``Rwkv5Config`` /
+    ``Rwkv6Config`` (RWKV-5.2, RWKV-6) or fla's ``RWKV7Config`` (RWKV-7), as
+    config.json, for ``config``."""
     if config.generation == "7":
         return _hf_config7(config, dtype)
+    if config.generation in ("5.2", "6"):
+        return _hf_config56(config, dtype)
     return {
         "architectures": ["RwkvForCausalLM"],
         "model_type": "rwkv",
@@ -844,6 +966,50 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "use_cache": True,
         "dtype": dtype_name(dtype),
     }
+
+
+def _hf_config56(config, dtype: torch.dtype) -> dict[str, Any]:
+    """The fields the RWKV org's remote-code ``Rwkv5Config`` / ``Rwkv6Config``
+    read (RWKV/rwkv-5-world, RWKV/rwkv-6-world configuration and modeling files).
+
+    ``head_size_divisor`` encodes the GroupNorm eps (eps = 1e-5 * divisor**2,
+    8 for the official 64e-5).  Rwkv5ForCausalLM uses ``num_attention_heads``
+    as the head size (hidden_size // num_attention_heads heads), so it is
+    written as such.  Rwkv6ForCausalLM fixes the LoRA ranks from hidden_size
+    (32/64, or 64/128 at 4096); the actual ranks are written as
+    ``time_mix_extra_dim`` / ``time_decay_extra_dim`` for readers that take them.
+    ``rescale_every`` 6 is what the RWKV org's configs say: transformers
+    divides the weights at load time in fp16/bf16, the file is unscaled.
+    """
+    C, N = config.n_embd, config.head_size
+    divisor = (config.group_norm_eps / 1e-5) ** 0.5
+    if abs(divisor - round(divisor)) < 1e-9:
+        divisor = int(round(divisor))
+    out = {
+        "architectures": ["Rwkv6ForCausalLM" if config.generation == "6" else "Rwkv5ForCausalLM"],
+        "model_type": "rwkv6" if config.generation == "6" else "rwkv5",
+        "vocab_size": config.vocab_size,
+        "hidden_size": C,
+        "num_hidden_layers": config.n_layer,
+        "attention_hidden_size": config.dim_att,
+        "head_size": N,
+        "head_size_divisor": divisor,
+        "intermediate_size": config.dim_ffn,
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "context_length": 4096,
+        "rescale_every": 6,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": dtype_name(dtype),
+    }
+    if config.generation == "6":
+        out["time_mix_extra_dim"] = config.d_mix
+        out["time_decay_extra_dim"] = config.d_decay
+    else:
+        out["num_attention_heads"] = N
+    return out
 
 
 def _hf_config7(config, dtype: torch.dtype) -> dict[str, Any]:
@@ -887,7 +1053,10 @@ def _hf_config7(config, dtype: torch.dtype) -> dict[str, Any]:
 
 def save_hf(model, folder: "str | os.PathLike") -> Path:
     """Write a Hugging Face folder, atomically: transformers' ``RwkvForCausalLM``
-    for RWKV-4, fla's ``RWKV7ForCausalLM`` for RWKV-7."""
+    for RWKV-4, the RWKV org's remote-code ``Rwkv5ForCausalLM`` (RWKV-5.2) and
+    ``Rwkv6ForCausalLM`` (RWKV-6), fla's ``RWKV7ForCausalLM`` for RWKV-7.
+    No remote code is written: transformers needs ``trust_remote_code`` and
+    the RWKV org's modeling files to run a v5/v6 folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)

@@ -14,7 +14,10 @@ blocks of 32 consecutive elements along ``ne[0]``.
 rwkv.cpp changes some tensors on conversion; :func:`to_official` undoes it
 (rwkv5-7 spec 7.1).  RWKV-4: ``att.time_decay`` is stored as ``-exp(d)`` (the
 per-step log-decay), and every ``.time_*`` tensor is squeezed, so
-``time_mix_*`` are ``(C,)`` instead of ``(1, 1, C)``.  RWKV-7: the six
+``time_mix_*`` are ``(C,)`` instead of ``(1, 1, C)``.  RWKV-5: ``time_decay``
+is stored as the factor ``exp(-exp(d))`` and ``time_first`` as ``exp``, both
+with a trailing 1 ((H, 1, 1), or (H, N, 1) for 5.2), as ``time_faaaa``.
+RWKV-6: ``time_decay`` raw as (H, N, 1), the LoRA matrices transposed.  RWKV-7: the six
 token-shift mixes are one ``att.x_rwkvag`` (6, 1, C), the LoRA matrices
 ``w1, w2, a1, a2, v1, v2, g1, g2`` are stored transposed, and layer 0 has no
 ``v0, v1, v2``.  Files carry no generation; it is read from the names.
@@ -366,14 +369,159 @@ def _from_official7(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# RWKV-5 and RWKV-6 (spec 7.1).  rwkv.cpp's converter squeezes every
+# ``.time_`` tensor and then gives the per-head ones a trailing 1: v5
+# ``time_decay`` / ``time_first`` / ``time_faaaa`` are (H, 1, 1) for rwkv.cpp's
+# "5.1" (the package's 5.0: per-head decay, no gate) and (H, N, 1) for 5.2; v6
+# ``time_decay`` is (H, N, 1) instead of (1, 1, C_att) and ``time_faaaa``
+# (H, N, 1).  Values: v5 ``time_decay`` is stored as the decay factor
+# exp(-exp(d)), v5 ``time_first`` as exp(log u) = u, v6 ``time_decay`` raw.  The
+# v6 LoRA matrices ``time_maa_w1``, ``time_decay_w1``, ``time_decay_w2`` are
+# stored transposed and ``time_maa_w2`` (5, D, C) as (5, C, D).
+_HEAD5 = (".att.time_decay", ".att.time_first", ".att.time_faaaa")
+_LORA6_2D = (".att.time_maa_w1", ".att.time_decay_w1", ".att.time_decay_w2")
+
+
+def _decay5(d: torch.Tensor) -> torch.Tensor:
+    return torch.exp(-torch.exp(d))
+
+
+def _undecay5(w: torch.Tensor) -> torch.Tensor:
+    return torch.log(-torch.log(w))
+
+
+def _per_head(name: str, t: torch.Tensor) -> torch.Tensor:
+    """(H, 1, 1) -> (H,), (H, N, 1) -> (H, N); (H,) and (H, N) are kept."""
+    if t.dim() == 3 and t.shape[2] == 1:
+        return t.reshape(t.shape[0]) if t.shape[1] == 1 else t.reshape(t.shape[0], t.shape[1])
+    if t.dim() in (1, 2):
+        return t
+    raise ShapeError(f"tensor '{name}' has shape {tuple(t.shape)}, expected rwkv.cpp's (n_head, 1, 1) or (n_head, head_size, 1)")
+
+
+def _to_official5(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo rwkv.cpp's RWKV-5 conversion: ``time_decay`` d = log(-log(w)) from
+    the stored factor w, ``time_first`` log of the stored u, ``time_faaaa``
+    unchanged; per-head tensors lose the trailing 1, ``time_mix_*`` get their
+    (1, 1, C) shape back.  Both inverses are computed in float64 and rounded
+    once to float32.  Writing the result again gives the stored bits back for
+    every decay with d <= 0.5 (w >= 0.19; the fixtures' are 0.29-0.33, trained
+    decays are mostly far slower); for faster decays float32 d cannot reach
+    every float32 w (a step of d moves w by e^d |d| 2^-23 of itself) and the
+    rewritten factor is the nearest one, within that relative step."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(_HEAD5):
+            t = _per_head(name, t)
+            check = not t.is_meta and t.numel() > 0
+            if name.endswith(".time_decay"):
+                if check and not bool(((t > 0) & (t < 1)).all()):
+                    raise CheckpointError(
+                        f"tensor '{name}' holds values outside (0, 1); rwkv.cpp stores RWKV-5 decays as the factor exp(-exp(d))"
+                    )
+                t = _undecay5(t.double()).float()
+            elif name.endswith(".time_first"):
+                if check and not bool((t > 0).all()):
+                    raise CheckpointError(f"tensor '{name}' holds values <= 0; rwkv.cpp stores RWKV-5 time_first as exp(time_first) > 0")
+                t = torch.log(t.double()).float()
+        elif ".time_mix_" in name and t.dim() == 1:
+            t = t.reshape(1, 1, -1)
+        out[name] = t
+    return out
+
+
+def _from_official5(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_to_official5`: what rwkv.cpp's converter stores.
+
+    rwkv.cpp runs the package's 5.0 (its "5.1") and 5.2; a 5.1 model (gate
+    with a per-head decay) is refused: rwkv.cpp reads a gate as 5.2 and would
+    mis-read the per-head decay.
+    """
+    decay = sd.get("blocks.0.att.time_decay")
+    if "blocks.0.att.gate.weight" in sd and decay is not None and decay.dim() == 1:
+        raise CheckpointError(
+            "rwkv.cpp runs RWKV-5 (no gate) and RWKV-5.2, not RWKV-5.1 (a gate with a per-head decay, spec 1); "
+            "write this model as pth, safetensors or rwkvkit instead"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.endswith(_HEAD5):
+            if name.endswith(".time_decay"):
+                t = _decay5(t.double()).float()
+            elif name.endswith(".time_first"):
+                t = torch.exp(t.double()).float()
+            t = t.reshape(t.shape[0], -1, 1)  # (H,) -> (H, 1, 1), (H, N) -> (H, N, 1)
+        elif ".time_" in name:
+            t = t.squeeze()
+        out[name] = t
+    return out
+
+
+def _to_official6(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo rwkv.cpp's RWKV-6 conversion: transpose the LoRA matrices back,
+    ``time_decay`` (H, N, 1) -> (1, 1, C_att), ``time_faaaa`` (H, N, 1) -> (H, N),
+    squeezed mixes -> (1, 1, C).  No value changes: exact."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(_LORA6_2D):
+            if t.dim() != 2:
+                raise ShapeError(f"tensor '{name}' has shape {tuple(t.shape)}, expected a 2-D LoRA matrix")
+            t = t.t().contiguous()
+        elif name.endswith(".att.time_maa_w2"):
+            if t.dim() != 3 or t.shape[0] != 5:
+                raise ShapeError(f"tensor '{name}' has shape {tuple(t.shape)}, expected rwkv.cpp's (5, n_embd, d_mix)")
+            t = t.transpose(1, 2).contiguous()
+        elif name.endswith(".att.time_decay"):
+            t = t.reshape(1, 1, -1)
+        elif name.endswith(".att.time_faaaa"):
+            t = _per_head(name, t)
+        elif ".time_maa_" in name and t.dim() == 1:
+            t = t.reshape(1, 1, -1)
+        out[name] = t
+    return out
+
+
+def _from_official6(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`_to_official6`: what rwkv.cpp's converter stores."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if name.endswith(_LORA6_2D):
+            t = t.t().contiguous()
+        elif name.endswith(".att.time_maa_w2"):
+            t = t.transpose(1, 2).contiguous()
+        elif name.endswith(".att.time_decay"):
+            faaaa = sd.get(name[: -len("time_decay")] + "time_faaaa")
+            if faaaa is None or faaaa.dim() != 2:
+                raise CheckpointError(f"missing tensor '{name[: -len('time_decay')]}time_faaaa' (rwkv.cpp shapes time_decay per head)")
+            t = t.reshape(faaaa.shape[0], faaaa.shape[1], 1)
+        elif name.endswith(".att.time_faaaa"):
+            t = t.reshape(t.shape[0], -1, 1)
+        elif ".time_" in name:
+            t = t.squeeze()
+        out[name] = t
+    return out
+
+
 # generation -> (file tensors -> official state dict, official -> file tensors)
-TRANSFORMS = {"4": (_to_official4, _from_official4), "7": (_to_official7, _from_official7)}
+TRANSFORMS = {
+    "4": (_to_official4, _from_official4),
+    "5": (_to_official5, _from_official5),
+    "5.1": (_to_official5, _from_official5),
+    "5.2": (_to_official5, _from_official5),
+    "6": (_to_official6, _from_official6),
+    "7": (_to_official7, _from_official7),
+}
 
 # Names that rwkv.cpp's converter keeps in FP32 in an FP16 file even when they
 # have two or more dimensions (spec 7.1), and the non-emb/head 2-D tensors its
 # quantizer leaves unquantised, per generation.
 _FP32_NAMES = {
     "4": (".time_",),
+    # RWKV-5/6: every time_* tensor, v6's LoRA matrices included (spec 7.1).
+    "5": (".time_",),
+    "5.1": (".time_",),
+    "5.2": (".time_",),
+    "6": (".time_",),
     "7": (".time_", ".k_k", ".k_a", ".r_k", ".x_rwkvag", ".x_k", ".w0", ".a0", ".v0"),
 }
 _UNQUANTIZED = re.compile(r"\.att\.([wavg][12]|r_k)\Z")
@@ -384,8 +532,11 @@ def tensor_type(name: str, shape: tuple[int, ...], type_name: str, generation: s
     of an rwkv.cpp-named state dict in a file of main type ``type_name``.
 
     FP16: tensors with >= 2 dims whose names contain none of the generation's
-    FP32 markers (RWKV-7: the LoRA matrices are FP16).  Quantised: 2-D
-    tensors other than ``emb``, ``head``, and RWKV-7's LoRAs and ``r_k``.
+    FP32 markers (RWKV-7: the LoRA matrices are FP16; RWKV-5/6: every
+    ``time_*`` tensor, RWKV-6's LoRAs included, stays FP32).  Quantised: 2-D
+    tensors other than ``emb``, ``head``, and RWKV-7's LoRAs and ``r_k``
+    (so RWKV-6's 2-D ``time_maa_w1``, ``time_decay_w1/w2`` are quantised,
+    the 3-D ``time_maa_w2`` and RWKV-5's (H, N, 1) vectors are not).
     Everything else is FP32.
     """
     if type_name in QUANTIZED:
@@ -516,7 +667,7 @@ def write_state_dict(
 ) -> None:
     """Write an official-name state dict as rwkv.cpp would convert it.
 
-    ``generation`` ("4" or "7") is read from the keys when not given
+    ``generation`` ("4", "5", "5.2", "6", "7", ...) is read from the keys when not given
     (:func:`rwkvkit.models.detect`).  ``type_name`` is FP32, FP16 or a
     quantised type; which tensors take it is rwkv.cpp's rule, per generation
     (:func:`tensor_type`).  The header is version 101, as rwkv.cpp writes.

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, count_layers, require
-from ..errors import CheckpointError, RwkvkitError, ShapeError, UnsupportedModelError
+from ..errors import CheckpointError, RwkvkitError, ShapeError
 from ..ops.wkv6 import wkv6, wkv6_step
 from ..state import MatrixState
 from .common import RWKVBase, shift
@@ -115,7 +115,6 @@ class RWKV5Config(ModelConfig):
         emb, td = sd["emb.weight"], sd["blocks.0.att.time_decay"]
         gated = "blocks.0.att.gate.weight" in sd
         per_channel = len(td.shape) >= 2 and td.shape[1] > 1
-        refuse_rwkvcpp_layout(sd, "RWKV-5.2" if per_channel else "RWKV-5.1" if gated else "RWKV-5")
         if len(emb.shape) != 2:
             raise ShapeError(f"tensor 'emb.weight' has shape {tuple(emb.shape)}, expected 2 dimensions (vocab, n_embd)")
         dim_att = int(sd["blocks.0.att.key.weight"].shape[0])
@@ -187,20 +186,6 @@ FP32_PARAMS = (".att.time_decay", ".att.time_first", ".att.time_faaaa")
 LR_SCALES = {"att.time_decay": 2.0, "att.time_first": 3.0}
 # Default LoRA (peft) targets for fine-tuning.
 LORA_TARGETS = ("att.key", "att.value", "att.receptance", "att.gate", "att.output", "ffn.key", "ffn.receptance", "ffn.value")
-
-
-def refuse_rwkvcpp_layout(sd: Mapping[str, torch.Tensor], label: str) -> None:
-    """rwkv.cpp stores the time_* vectors of v5/v6 with a trailing 1, (H, 1, 1)
-    or (H, N, 1), and v5 decays and bonuses already transformed (spec 7.1);
-    rwkvkit does not invert those yet, so such tensors are refused by name
-    instead of being run as if they were official."""
-    for key in ("blocks.0.att.time_decay", "blocks.0.att.time_first", "blocks.0.att.time_faaaa"):
-        t = sd.get(key)
-        if t is not None and len(t.shape) == 3 and t.shape[-1] == 1:
-            raise UnsupportedModelError(
-                f"this is an rwkv.cpp {label} file (tensor '{key}' has rwkv.cpp's shape {tuple(t.shape)}); "
-                f"rwkvkit reads {label} from the official .pth (or safetensors/rwkvkit folders), not rwkv.cpp .bin files yet"
-            )
 
 
 def _mix(x: torch.Tensor, xx: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from ..config import ModelConfig, count_layers, require
 from ..errors import ShapeError
 from ..state import MatrixState  # noqa: F401  (the state this model carries)
 from .common import shift
-from .rwkv5 import MatrixStateRWKV, group_norm_out, refuse_rwkvcpp_layout, run_wkv
+from .rwkv5 import MatrixStateRWKV, group_norm_out, run_wkv
 
 SIGNATURE_KEYS = (".att.time_maa_x",)
 # The five ddlerp targets, in the order of time_maa_w1's output blocks (spec 3.3).
@@ -94,7 +94,6 @@ class RWKV6Config(ModelConfig):
             sd, "emb.weight", a + "key.weight", a + "time_faaaa", a + "time_maa_w1", a + "time_decay_w1",
             "blocks.0.ffn.key.weight", what="RWKV-6",
         )
-        refuse_rwkvcpp_layout(sd, "RWKV-6")
         emb, faaaa, w1, dw1 = sd["emb.weight"], sd[a + "time_faaaa"], sd[a + "time_maa_w1"], sd[a + "time_decay_w1"]
         if len(emb.shape) != 2:
             raise ShapeError(f"tensor 'emb.weight' has shape {tuple(emb.shape)}, expected 2 dimensions (vocab, n_embd)")
