@@ -159,7 +159,10 @@ def _bad_inputs(tmp_path):
     cases["not a dict"] = (tmp_path / "list.pth", ["list"])
     cases["output over a non-model folder"] = (tmp_path / "ok.pth", ["not a model folder"])
     cases["output folder over a file"] = (tmp_path / "ok.pth", ["is a file"])
-    cases["RWKV-6"] = (shared_file("rwkvcpp/other_versions/tiny-rwkv-6v0-3m-Q5_0.bin"), ["rwkv.cpp RWKV-6 file"])
+    # rwkv.cpp RWKV-6 files load now (tests/test_rwkv56_checkpoint.py); a truncated one is one line.
+    fixture = shared_file("rwkvcpp/other_versions/tiny-rwkv-6v0-3m-Q5_0.bin").read_bytes()
+    (tmp_path / "trunc6.bin").write_bytes(fixture[: len(fixture) - 1000])
+    cases["RWKV-6"] = (tmp_path / "trunc6.bin", ["truncated", "head.weight"])
     return cases
 
 
