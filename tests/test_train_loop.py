@@ -113,7 +113,10 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(corpus, tmp_path):
     step = json.loads((out / "latest.json").read_text())["step"]
     assert step == summary["steps"] == len(metrics.read_text().splitlines())
     assert not list((out / "checkpoints").glob(".*"))  # no temporary leftovers
-    s = train(_cfg(corpus, out, n_layer=1, n_embd=16, batch_size=2, max_steps=step + 2, resume=True))
+    # The message says how to continue, and that command (the run's options
+    # come from the folder) does.
+    assert f"continue with: rwkvkit train --out {out} --resume" in stderr
+    s = train(TrainConfig(out=str(out), resume=True, max_steps=step + 2, progress=False))
     assert s["steps"] == step + 2 and len(_losses(out)) == step + 2
 
 
@@ -162,3 +165,121 @@ def test_gradient_checkpointing_is_exact_and_bf16_runs(corpus, tmp_path):
     assert bf != _losses(tmp_path / "plain")  # autocast really ran in bf16 ...
     assert all(abs(a - b) < 0.1 for a, b in zip(bf, _losses(tmp_path / "plain")))  # ... and still learns
     assert s["val_loss"] < 6
+
+
+# ------------------------------------------------------------- the run folder
+def _cli(argv, capsys):
+    from rwkvkit import cli
+
+    rc = cli.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _flags(corpus, out, **kw):
+    cfg = dict(data=str(corpus), out=str(out), n_layer=1, n_embd=16, ctx_len=16, batch_size=2, max_steps=4,
+               lr_init=1e-2, save_every=0, val_every=0, val_windows=2, threads=1, wkv_backend="torch")
+    cfg.update(kw)
+    argv = ["train", "--no-progress", "--no-plot"]
+    for k, v in cfg.items():
+        if v is not None:
+            argv += ["--" + k.replace("_", "-"), str(v)]
+    return argv
+
+
+def test_existing_out_is_refused_without_resume_or_overwrite(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = _cli(_flags(corpus, out), capsys)
+    assert rc == 0, err
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc, stdout, err = _cli(_flags(corpus, out, n_embd=32), capsys)
+    assert rc == 1 and stdout == "" and err.count("\n") == 1
+    assert "holds a previous run (latest.json, checkpoints/, model/)" in err and "--resume" in err and "a new --out" in err and "--overwrite" in err
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing of the first run was touched
+    # An empty folder, or one with only the user's files, is not a previous run.
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    rc, _, err = _cli(_flags(corpus, tmp_path / "empty", max_steps=1), capsys)
+    assert rc == 0 and (tmp_path / "empty" / "notes.txt").read_text() == "mine"
+    # --overwrite starts over: the old run's later checkpoints are gone (they
+    # would otherwise outrank the new run's and be the ones kept).
+    rc, _, err = _cli(_flags(corpus, out, n_embd=32, max_steps=2, overwrite=None) + ["--overwrite"], capsys)
+    assert rc == 0, err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]
+    assert len(_losses(out)) == 2 and rwkvkit.load(out / "model").config.n_embd == 32
+    with pytest.raises(RwkvkitError, match="give one of them"):
+        train(_cfg(corpus, out, resume=True, overwrite=True))
+
+
+def test_resume_takes_the_runs_options(corpus, tmp_path, capsys):
+    """`--resume --out OUT` alone continues a run started with other shapes
+    and rates (the old code built a default model and failed loading the
+    checkpoint with a state-dict traceback), equal to the uninterrupted run."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    opts = dict(n_layer=2, n_embd=24, head_size=8, generation=7, lr_init=3e-3, warmup_steps=2, max_steps=5, seed=3)
+    assert _cli(_flags(corpus, full, **opts), capsys)[0] == 0
+    rc, _, err = _cli(_flags(corpus, part, stop_after=2, **opts), capsys)
+    assert rc == 0 and "continue with: rwkvkit train --out" in err
+    rc, stdout, err = _cli(["train", "--out", str(part), "--resume", "--no-progress", "--no-plot"], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["steps"] == 5
+    assert _losses(part) == _losses(full)
+    a, b = rwkvkit.load(full / "model").state_dict(), rwkvkit.load(part / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = json.loads((part / "train_config.json").read_text())
+    assert (saved["generation"], saved["n_embd"], saved["lr_init"]) == ("7", 24, 3e-3)
+
+
+def test_resume_refuses_options_that_disagree(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(_flags(corpus, out, stop_after=1), capsys)[0] == 0
+    # Given again with the run's value: fine; a different value: refused by name.
+    rc, _, err = _cli(_flags(corpus, out, n_embd=32, lr_init=5e-3, max_steps=2) + ["--resume"], capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert "--n-embd 32 (the run has 16)" in err and "--lr-init 0.005 (the run has 0.01)" in err
+    assert "--max-steps" not in err  # may grow: how long, not what
+    rc, _, err = _cli(_flags(corpus, out, max_steps=2) + ["--resume"], capsys)
+    assert rc == 0, err
+    assert len(_losses(out)) == 2
+    # A config file's options count as given.
+    (tmp_path / "c.json").write_text(json.dumps({"ctx_len": 8}))
+    rc, _, err = _cli(["train", "--out", str(out), "--resume", "--config", str(tmp_path / "c.json")], capsys)
+    assert rc == 1 and "--ctx-len 8 (the run has 16)" in err
+
+
+def test_resume_after_a_cut_metrics_line(corpus, tmp_path, capsys):
+    """A crash mid-write leaves half a line at the end of metrics.jsonl: resume
+    drops it (the old code stopped with a JSONDecodeError)."""
+    out = tmp_path / "run"
+    assert _cli(_flags(corpus, out, stop_after=2, save_every=2), capsys)[0] == 0
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 2.')
+    rc, _, err = _cli(["train", "--out", str(out), "--resume", "--no-progress", "--plot"], capsys)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_says_how_to_continue(corpus, tmp_path, capsys, monkeypatch):
+    from rwkvkit.train import loop
+
+    real = loop._StopFlag.__enter__
+
+    def pressed(self):
+        real(self)
+        self.requested = True  # as if Ctrl-C came during the first step
+        return self
+
+    monkeypatch.setattr(loop._StopFlag, "__enter__", pressed)
+    out = tmp_path / "run"
+    rc, stdout, err = _cli(_flags(corpus, out), capsys)
+    assert rc == 0 and json.loads(stdout)["stop"] == "interrupted"
+    assert f"interrupted at step 1, checkpoint saved; continue with: rwkvkit train --out {out} --resume" in err
+
+    def second_press(cfg, model=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rwkvkit.train.loop.train", second_press)
+    rc, _, err = _cli(["train", "--out", str(out), "--resume"], capsys)
+    assert rc == 130 and f"continue with: rwkvkit train --out {out} --resume" in err

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Train an RWKV-4, 5 (5.2), 6 or 7 model from scratch (--generation 4|5|6|7; the RWKV-4 paper's recipe, "
             "or the x052/x060/x070 trainer's init and optimiser groups), or fine-tune a checkpoint of any (--init-from; "
             "--tune full|lora|state). Writes OUT/checkpoints/, OUT/model (an rwkvkit folder), "
-            "OUT/metrics.jsonl and OUT/loss.png. Ctrl-C saves a checkpoint and stops; --resume continues. "
+            "OUT/metrics.jsonl and OUT/loss.png. An OUT holding a previous run is refused unless --resume (continue it "
+            "with its saved options) or --overwrite (replace it). Ctrl-C saves a checkpoint and stops; --resume continues. "
             "Under `torchrun --nproc_per_node N -m rwkvkit train ...` it runs data-parallel (DDP; gloo on "
             "CPU, nccl on GPU). Options can also come from --config FILE (.json or .toml, keys as below "
             "with - or _); flags given on the command line win."
@@ -105,19 +106,50 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None):
+    """The TrainConfig of the command line over --config; ``given`` (a set)
+    receives the names of the options the user set in either."""
     from ..train.config import TrainConfig, make_config, read_config_file
 
     file_values = read_config_file(args.config) if args.config else {}
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    return make_config(file_values, **given)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if given is not None:
+        given.update(file_values)
+        given.update(name for name, v in flags.items() if v is not None)
+    return make_config(file_values, **flags)
+
+
+def _continue_hint(out: str) -> str:
+    import os
+
+    torchrun = "torchrun ... -m " if "LOCAL_RANK" in os.environ else ""
+    return f"continue with: {torchrun}rwkvkit train --out {out} --resume"
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..errors import RwkvkitError
+    from ..train import rundir
     from ..train.loop import train
 
-    cfg = config_from_args(args)
-    summary = train(cfg)
-    if summary.pop("rank", 0) == 0:
+    given: set[str] = set()
+    cfg = config_from_args(args, given)
+    if cfg.resume:
+        if cfg.overwrite:
+            raise RwkvkitError("--resume continues the run in --out and --overwrite deletes it: give one of them")
+        if not cfg.out:
+            raise RwkvkitError("--resume needs --out, the folder of the run to continue")
+        cfg = rundir.resume_config(cfg, given)
+    try:
+        summary = train(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped without a new checkpoint
+        print(f"rwkvkit train: interrupted; the last checkpoint in {cfg.out} is intact; {_continue_hint(cfg.out)}", file=sys.stderr)
+        return 130
+    rank = summary.pop("rank", 0)
+    if rank == 0:
         print(json.dumps(summary))
+        if summary.get("stop") in ("interrupted", "stopped"):
+            print(f"rwkvkit train: {summary['stop']} at step {summary['steps']}, checkpoint saved; {_continue_hint(cfg.out)}",
+                  file=sys.stderr)
     return 0

@@ -39,6 +39,7 @@ from ..models.common import RWKVBase
 from ..state import MatrixState, State
 from . import data as D
 from . import distributed as dist_utils
+from . import rundir
 from .config import TrainConfig
 from .optim import build_optimizer, l2wrap, lr_at, model_param_groups, set_lr
 
@@ -499,6 +500,9 @@ def train(cfg: TrainConfig, model: nn.Module | None = None) -> dict[str, Any]:
     ``logits, state = model(tokens, state)`` (a baseline for comparisons, run
     through exactly the same loop); it is saved as a plain state dict.
     """
+    rundir.check_out(cfg)
+    if cfg.resume and not getattr(cfg, "_resumed", False):
+        cfg = rundir.resume_config(cfg)  # the run folder's options (the CLI merges exactly what was given)
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -560,6 +564,8 @@ def _train(cfg: TrainConfig, info: dist_utils.DistInfo, custom: nn.Module | None
 
     metrics_path = out / "metrics.jsonl"
     if main:
+        if cfg.overwrite:
+            rundir.clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_path, start_step)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -671,9 +677,10 @@ def _truncate_metrics(path: Path, start_step: int) -> None:
     if start_step == 0:
         path.unlink()
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    # A line cut short by a crash is dropped with the rows after the checkpoint.
+    rows = [r for r in rundir.read_metrics(path) if r.get("step", 0) <= start_step]
     with atomic_path(path) as tmp:
-        tmp.write_text("".join(r + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _export(out: Path, module: nn.Module, cfg: TrainConfig, full_sd: dict | None = None) -> None:
@@ -705,7 +712,7 @@ def plot_metrics(metrics_path: Path, png: Path) -> Path | None:
     except ImportError:
         print("rwkvkit train: matplotlib is not installed, skipping the loss plot (pip install 'rwkvkit[train]')")
         return None
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = rundir.read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
     val = [r for r in rows if "val_loss" in r]
