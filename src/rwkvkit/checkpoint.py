@@ -741,6 +741,8 @@ def load(
     progress: bool = False,
     quantize: "str | None" = None,
     huge_pages: bool = False,
+    filename: "str | None" = None,
+    revision: "str | None" = None,
 ):
     """Load a checkpoint of any supported format and generation; returns the
     generation's model (:class:`rwkvkit.RWKV` for RWKV-4,
@@ -761,6 +763,12 @@ def load(
     config.json: it changes logits only through the LayerNorm eps, and 0 is
     the exact model).  Raises :class:`~rwkvkit.errors.CheckpointError` (or a
     subclass) with one line naming the problem.
+
+    A ``path`` that does not exist but reads as a Hugging Face hub id
+    (``RWKV/rwkv-4-169m-pile``; ``filename`` picks one file of a repository of
+    many, ``revision`` a branch, tag or commit) is fetched once into the hub's
+    cache and loaded from there (:mod:`rwkvkit.hub`; needs ``rwkvkit[hub]``).
+    A local path always wins.
     """
     try:  # argument errors first, before reading a large file
         target = dtype_from_name(dtype) if dtype is not None else None
@@ -772,6 +780,9 @@ def load(
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     except ValueError as exc:
         raise RwkvkitError(str(exc)) from None
+    from . import hub
+
+    path = hub.resolve(path, filename, revision)
     ck = read(path, progress=progress)
     cfg = infer_config(ck)
     spec = models.spec(cfg.generation)

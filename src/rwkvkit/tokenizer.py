@@ -551,6 +551,10 @@ def tokenizer_for_model(model, model_path=None, name=None, *, download: bool = F
         tok = None
         if model_path is not None:
             folder = Path(model_path)
+            if not folder.exists():  # a hub id: the files rwkvkit.load fetched
+                from .hub import cached_path
+
+                folder = cached_path(model_path) or folder
             folder = folder if folder.is_dir() else folder.parent
             for fname in FOLDER_TOKENIZER_FILES:
                 if (folder / fname).is_file():

@@ -9,7 +9,8 @@ from pathlib import Path
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--model PATH``, ``--dtype`` and ``--device``, as every model-taking verb spells them."""
-    parser.add_argument("--model", "-m", required=required, metavar="PATH", help="checkpoint: .pth, .safetensors, rwkv.cpp .bin, HF or rwkvkit folder")
+    parser.add_argument("--model", "-m", required=required, metavar="PATH", help="checkpoint: .pth, .safetensors, rwkv.cpp .bin, HF or rwkvkit folder; or a Hugging Face hub id "
+                        "(RWKV/rwkv-4-169m-pile, or owner/name/FILE for one file of a repository), fetched once with rwkvkit[hub]")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast the weights (default: the file's dtype)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cpu)")
 
