@@ -262,11 +262,23 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         min_p: float = Field(default=0.0, ge=0, le=1)
 
     class CompletionBody(Sampling):
-        prompt: Union[str, list[str], list[int]]
+        # A batch of one prompt as lm-eval sends it ([[ids]]) is accepted too.
+        prompt: Union[str, list[str], list[int], list[list[int]]]
         echo: bool = False
-        logprobs: None = None
+        # The legacy completions log-probabilities: the k (0..5) most likely
+        # tokens at each position; with echo the prompt's tokens are scored too.
+        logprobs: int | None = Field(default=None, ge=0, le=5)
         best_of: int | None = None
         suffix: None = None
+
+    class TokenizeBody(Strict):
+        prompt: str
+        add_special_tokens: bool = False
+        model: str | None = None
+
+    class DetokenizeBody(Strict):
+        tokens: list[int]
+        model: str | None = None
 
     class ContentPart(Strict):
         type: Literal["text"]
@@ -554,6 +566,38 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         check_model(name)
         return {"id": model_name, "object": "model", "created": created, "owned_by": "rwkvkit"}
 
+    # The tokenizer endpoints of vLLM's server, which lm-eval's
+    # local-completions model finds and uses (tokenizer_backend=remote), so
+    # that it scores with the server's own tokenizer.
+    def eos_token() -> str | None:
+        if tok.eos_id is None:
+            return None
+        text = tok.token_bytes(tok.eos_id).decode("utf-8", errors="replace")
+        return text if text and list(tok.encode(text)) == [tok.eos_id] else None
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        return {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eos_token": eos_token(), "bos_token": None,
+                "pad_token": None, "model_max_length": engine.config.max_prompt_tokens}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await body_of(request, TokenizeBody)
+        if body.model is not None:
+            check_model(body.model)
+        ids = list(tok.encode(body.prompt))
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_prompt_tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await body_of(request, DetokenizeBody)
+        if body.model is not None:
+            check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise ApiError(400, f"token {bad[0]} is outside the vocabulary 0..{tok.vocab_size - 1}", param="tokens")
+        return {"prompt": tok.decode(body.tokens)}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await body_of(request, CompletionBody)
@@ -561,7 +605,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
         if body.best_of not in (None, body.n):
             raise ApiError(400, "best_of is not supported (leave it out or equal to n)", param="best_of")
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ApiError(400, "send one prompt per request (a list of several prompts is not supported)", param="prompt")
             prompt = prompt[0]
@@ -578,9 +622,44 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
                 raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary 0..{tok.vocab_size - 1}", param="prompt")
             prompt_text = tok.decode(ids)
         req = build_request(body, ids, (), body.max_tokens)
+        if body.logprobs is not None:
+            if body.stream:
+                raise ApiError(400, "logprobs with stream is not supported on /v1/completions: leave out one of them", param="logprobs")
+            req.logprobs = body.logprobs
+            if body.echo:
+                req.prompt_logprobs = body.logprobs
         queue = submit(req)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prefix = prompt_text if body.echo else ""
+
+        def token_text(tid: int) -> str:
+            return tok.token_bytes(tid).decode("utf-8", errors="replace")
+
+        # logprobs: the prompt's (with echo) and each choice's tokens, in the
+        # legacy completions format (top_logprobs as {token: logprob}).
+        scored: dict = {"prompt": None}
+        picked: list[list[tuple[int, float, list]]] = [[] for _ in range(req.n)]
+
+        def logprobs_of(i: int):
+            if req.logprobs is None:
+                return None
+            toks, lps, tops = [], [], []
+            if body.echo:
+                p = scored["prompt"] or {"logprobs": [None] * len(ids), "top": [None] * len(ids)}
+                toks += list(ids)
+                lps += p["logprobs"]
+                tops += [None if t is None else {token_text(a): b for a, b in t} for t in p["top"]]
+            for tid, lp, top in picked[i]:
+                toks.append(tid)
+                lps.append(lp)
+                tops.append({token_text(a): b for a, b in top})
+            strings = [token_text(t) for t in toks]
+            offset = 0 if body.echo else len(prompt_text)
+            offsets = []
+            for text in strings:
+                offsets.append(offset)
+                offset += len(text)
+            return {"tokens": strings, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
         def chunk(index: int, text: str, finish=None) -> dict:
             return {
@@ -613,6 +692,10 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             async for ev in events(req, queue, request):
                 if ev["type"] == "text":
                     texts[ev["index"]].append(ev["text"])
+                elif ev["type"] == "logprob":
+                    picked[ev["index"]].append((ev["token"], ev["logprob"], ev["top"]))
+                elif ev["type"] == "prompt_logprobs":
+                    scored["prompt"] = ev
                 elif ev["type"] == "done":
                     reasons[ev["index"]] = ev["finish_reason"]
                     total += ev["completion_tokens"]
@@ -620,7 +703,7 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             req.cancel()
         return {
             "id": rid, "object": "text_completion", "created": now, "model": model_name,
-            "choices": [{"index": i, "text": "".join(texts[i]), "logprobs": None, "finish_reason": reasons[i]} for i in range(req.n)],
+            "choices": [{"index": i, "text": "".join(texts[i]), "logprobs": logprobs_of(i), "finish_reason": reasons[i]} for i in range(req.n)],
             "usage": usage(req, total),
         }
 

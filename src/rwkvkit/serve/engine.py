@@ -120,6 +120,12 @@ class GenRequest:
     # log-probability under the model (before temperature, penalties and
     # logit_bias) and the k most likely alternatives.
     logprobs: int | None = None
+    # None, or k >= 0: also score the prompt (the completions endpoint's echo
+    # with logprobs): before "start", one event
+    # {"type": "prompt_logprobs", "logprobs": [None, lp(t1 | t0), ...],
+    #  "top": [None, [(id, logprob) x k], ...]} from one pass over the prompt
+    # (the prefix cache is not used for such a request).
+    prompt_logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the scheduler.
     cached_tokens: int = 0
@@ -415,6 +421,8 @@ class Engine:
     def _prefill(self, req: GenRequest) -> tuple[torch.Tensor, StateBase, int]:
         """(last logits [1, V], state [batch 1], tokens that went through the model)."""
         model, ids = self.model, req.ids
+        if req.prompt_logprobs is not None:
+            return self._prefill_scored(req)
         hit, entry = self.cache.lookup(ids)
         req.cached_tokens = hit
         if entry is not None and hit == len(ids):
@@ -432,6 +440,34 @@ class Engine:
             self.cache.put(ids[:end], state, logits[0] if end == len(ids) else None)
             pos = end
         return logits, state, len(ids) - hit
+
+    def _prefill_scored(self, req: GenRequest) -> tuple[torch.Tensor, StateBase, int]:
+        """:meth:`_prefill` with every prompt position's logits: each prompt
+        token's log-probability given the ones before it, and the top k."""
+        model, ids, k = self.model, req.ids, req.prompt_logprobs
+        req.cached_tokens = 0
+        state = model.new_state(1)
+        toks = torch.tensor([ids], dtype=torch.long, device=self.device)
+        lps: list[float | None] = [None]
+        tops: list[list[tuple[int, float]] | None] = [None]
+        logits = None
+        for s in range(0, len(ids), self.config.prefill_chunk):
+            e = min(s + self.config.prefill_chunk, len(ids))
+            out, state = model(toks[:, s:e], state, logits="all")
+            logits = out[:, -1]
+            lp = torch.log_softmax(out[0].float(), dim=-1)  # row j scores token s + j + 1
+            n = min(e, len(ids) - 1) - s
+            if n > 0:
+                nxt = toks[0, s + 1 : s + 1 + n]
+                lps.extend(lp[:n].gather(1, nxt[:, None])[:, 0].tolist())
+                if k:
+                    v, i = lp[:n].topk(k, dim=-1)
+                    tops.extend([list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())])
+                else:
+                    tops.extend([[] for _ in range(n)])
+        self.cache.put(ids, state, logits[0])
+        self._safe_emit(req, {"type": "prompt_logprobs", "logprobs": lps, "top": tops})
+        return logits, state, len(ids)
 
     def _start(self, req: GenRequest) -> int:
         logits, state, spent = self._prefill(req)
@@ -502,17 +538,20 @@ class Engine:
             s.sampled += 1
             if s.counts is not None:
                 s.counts, s.seen = update_penalty_state(s.counts, s.seen, torch.tensor([t], device=self.device), s.req.sampling.penalty_decay)
-            if t in s.req.stop_tokens:
-                self._finish(s, "stop_token")
-                continue
-            s.tokens.append(t)
-            if s.req.logprobs is not None:
+            stopped = t in s.req.stop_tokens
+            # A scored prompt (echo + logprobs) reports every sampled
+            # position, a stop token's too: scorers (lm-eval) drop the last entry.
+            if s.req.logprobs is not None and (not stopped or s.req.prompt_logprobs is not None):
                 lp = logp[i]
                 top = []
                 if s.req.logprobs > 0:
                     vals, ids = lp.topk(s.req.logprobs)
                     top = list(zip(ids.tolist(), vals.tolist()))
                 self._safe_emit(s.req, {"type": "logprob", "index": s.index, "token": t, "logprob": float(lp[t]), "top": top})
+            if stopped:
+                self._finish(s, "stop_token")
+                continue
+            s.tokens.append(t)
             piece, hit = s.matcher.feed(s.decoder.push(t))
             if piece:
                 self._safe_emit(s.req, {"type": "text", "index": s.index, "text": piece})
