@@ -157,14 +157,19 @@ def test_bad_options(corpus, tmp_path):
 
 
 def test_gradient_checkpointing_is_exact_and_bf16_runs(corpus, tmp_path):
-    train(_cfg(corpus, tmp_path / "plain", max_steps=3))
+    plain = train(_cfg(corpus, tmp_path / "plain", max_steps=3))
     train(_cfg(corpus, tmp_path / "ckpt", max_steps=3, grad_checkpoint=True))
     assert _losses(tmp_path / "ckpt") == _losses(tmp_path / "plain")
     s = train(_cfg(corpus, tmp_path / "bf16", max_steps=3, precision="bf16"))
-    bf = _losses(tmp_path / "bf16")
-    assert bf != _losses(tmp_path / "plain")  # autocast really ran in bf16 ...
-    assert all(abs(a - b) < 0.1 for a, b in zip(bf, _losses(tmp_path / "plain")))  # ... and still learns
-    assert s["val_loss"] < 6
+    bf, fp = _losses(tmp_path / "bf16"), _losses(tmp_path / "plain")
+    assert bf != fp  # autocast really ran in bf16 ...
+    # ... and learns as fp32 does: 3 steps take the loss from ln(256) ~ 5.6 (the
+    # first row, before any update) to ~4.1 nats; bf16's 8-bit mantissa moves
+    # it by a few 1e-3 nats (0.004 seen), so 0.05 is 10x that and 1/30 of what
+    # the steps learned (the old check, val_loss < 6, held for an untrained model).
+    assert fp[0] > 5.4 and plain["val_loss"] < fp[0] - 1.0
+    assert all(abs(a - b) < 0.05 for a, b in zip(bf, fp))
+    assert s["val_loss"] == pytest.approx(plain["val_loss"], abs=0.05)
 
 
 # ------------------------------------------------------------- the run folder
