@@ -101,11 +101,19 @@ def test_convert_to_quantized_rwkvcpp(tmp_path, capsys):
     assert rc == 1 and err.count("\n") == 1 and "only to --to rwkvcpp" in err
 
 
-def test_convert_dtype(tmp_path, capsys):
-    torch.save(random_state_dict(CFG), tmp_path / "m.pth")
-    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "h.pth"), "--to", "pth", "--dtype", "bfloat16"]) == 0
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_convert_dtype(tmp_path, capsys, dtype):
+    """--dtype: every tensor is the source tensor rounded to that dtype (one
+    rounding, round-to-nearest, as .to() does), under the same names."""
+    src = random_state_dict(CFG)
+    torch.save(src, tmp_path / "m.pth")
+    name = str(dtype).removeprefix("torch.")
+    assert main(["convert", str(tmp_path / "m.pth"), str(tmp_path / "h.pth"), "--to", "pth", "--dtype", name]) == 0
     sd = torch.load(tmp_path / "h.pth", weights_only=True)
-    assert {v.dtype for v in sd.values()} == {torch.bfloat16}
+    assert sd.keys() == src.keys()
+    for k, v in src.items():
+        assert sd[k].dtype == dtype and sd[k].shape == v.shape, k
+        assert torch.equal(sd[k], v.to(dtype)), k
 
 
 # ----------------------------------------------------------- bad input

@@ -108,9 +108,27 @@ def test_bad_inputs(tmp_path):
 
 
 def test_cli_prepare(tmp_path, capsys):
-    (tmp_path / "a.txt").write_text("hello world\n" * 10)
-    assert main(["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert "train tokens" in capsys.readouterr().out
+    text = "".join(f"hello world {i}\n" for i in range(40)).encode()
+    (tmp_path / "a.txt").write_bytes(text)
+    assert main(["prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "out"), "--no-progress", "--val-fraction", "0.25"]) == 0
+    out = capsys.readouterr().out
+    # Read back what the command wrote: the two splits are the input's bytes,
+    # split at a line end near 75%, and the summary line reports those counts.
+    train, td = _read(tmp_path / "out", "train")
+    val, _ = _read(tmp_path / "out", "val")
+    assert train + val == text and train.endswith(b"\n")
+    assert 0.75 * len(text) <= len(train) < 0.75 * len(text) + 20
+    assert f"{len(train):,} train tokens (1 documents), {len(val):,} validation tokens (1)" in out
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["splits"]["train"]["tokens"] == len(train) and meta["splits"]["val"]["tokens"] == len(val)
+    # --separator N goes after each document; documents start after it.
+    (tmp_path / "b.txt").write_bytes(b"second doc\n")
+    argv = ["prepare", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "-o", str(tmp_path / "sep"),
+            "--no-progress", "--val-fraction", "0", "--separator", "7"]
+    assert main(argv) == 0
+    both, t = _read(tmp_path / "sep", "train")
+    assert both == text + b"\x07" + b"second doc\n" + b"\x07"
+    assert list(t.doc_starts) == [0, len(text) + 1]
     assert main(["prepare", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "o2")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
