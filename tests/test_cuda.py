@@ -270,27 +270,48 @@ def test_model_bf16_gpu_close_to_cpu_fp32():
     assert (out.cpu().argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.cuda
-def test_training_step_bf16_autocast_matches_fp32_direction():
-    """Gradients of a bf16-autocast training step on the GPU agree with the CPU fp32 ones."""
-    cpu_model = _cpu_model(8)
-    gpu_model = make_model(_tiny_cfg(), seed=8)[0].cuda()
-    cpu_model.train()
-    gpu_model.train()
-    tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(3))
-    logits, _ = cpu_model(tokens[:, :-1])
-    torch.nn.functional.cross_entropy(logits.reshape(-1, 97), tokens[:, 1:].reshape(-1)).backward()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits, _ = gpu_model(tokens[:, :-1].cuda())
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), tokens[:, 1:].cuda().reshape(-1))
+def _step_grads(model, tokens, device, autocast_dtype=None):
+    """Gradients of one cross-entropy training step (float32 on the CPU)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+    with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
     loss.backward()
-    for (name, p_cpu), p_gpu in zip(cpu_model.named_parameters(), gpu_model.parameters()):
-        a, b = p_cpu.grad.flatten(), p_gpu.grad.float().cpu().flatten()
-        if a.norm() < 1e-6:
-            assert b.norm() < 1e-3, name
-            continue
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-        assert cos > 0.95, (name, cos)
+    return {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()}
+
+
+def assert_grads_within_bf16_rounding(got, fp32, cpu_bf16, factor=4.0):
+    """Elementwise: |got - fp32| <= factor * (what bf16 autocast does to this
+    very step on the CPU, the largest |cpu_bf16 - fp32| of the tensor) plus
+    two bf16 roundings of the element itself (2 * 2**-8 relative).  A GPU
+    kernel that differs from the spec by more than bf16's own rounding of the
+    same computation fails, element by element (a cosine only sees the mean)."""
+    u = 2.0**-8  # bf16's unit roundoff (8-bit significand)
+    for name, ref in fp32.items():
+        noise = (cpu_bf16[name] - ref).abs().max().item()
+        tol = factor * noise + 2 * u * ref.abs() + 1e-7
+        err = (got[name] - ref).abs()
+        worst = (err - tol).argmax()
+        assert (err <= tol).all(), (
+            f"{name}: |gpu - cpu fp32| = {err.flatten()[worst].item():.3g} at {worst.item()} > {tol.flatten()[worst].item():.3g} "
+            f"(bf16 on the CPU moves this tensor by up to {noise:.3g})"
+        )
+
+
+@pytest.mark.cuda
+def test_training_step_bf16_autocast_matches_fp32_elementwise():
+    """Gradients of a bf16-autocast training step on the GPU equal the CPU fp32
+    ones within what bf16 rounding of the same step explains (measured on the
+    CPU under bf16 autocast), element by element."""
+    tokens = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(3))
+    fp32 = _step_grads(_cpu_model(8), tokens, "cpu")
+    cpu_bf16 = _step_grads(_cpu_model(8), tokens, "cpu", torch.bfloat16)
+    assert any((cpu_bf16[n] != fp32[n]).any() for n in fp32)  # CPU autocast really rounded
+    gpu = _step_grads(make_model(_tiny_cfg(), seed=8)[0].cuda(), tokens, "cuda", torch.bfloat16)
+    assert gpu.keys() == fp32.keys()
+    assert_grads_within_bf16_rounding(gpu, fp32, cpu_bf16)
 
 
 @pytest.mark.cuda
