@@ -58,9 +58,30 @@ def _run(model, tokens, backend, state=None):
     return torch.cat(outs, 1), state
 
 
-def _assert_same(a, sa, b, sb, tol=TOL):
+def _float32_drift(model, tokens, state=None, factor=4.0):
+    """A logit tolerance for two float32 evaluations of ``model`` that differ
+    only in summation order (SIMD width, blocking): ``factor`` times how far
+    the plain float32 PyTorch step is from the same step in float64, plus a
+    floor of a few float32 ulps of the largest logit.  It scales with the
+    model and the rounding, not with one machine's vector width (a fixed 1e-5
+    held on AVX-512 and could fail on AVX2 or in a larger model)."""
+    import copy
+
+    m64 = copy.deepcopy(model)
+    m64.__dict__.pop("_decode_plan", None)
+    m64.double()
+    s64 = None if state is None else state.to(dtype=torch.float64) if hasattr(state, "to") else state
+    ref, _ = _run(m64, tokens, "torch", s64)
+    f32, _ = _run(model, tokens, "torch", state)
+    drift = (f32.double() - ref).abs().max().item()
+    return factor * drift + 8 * 2.0**-24 * ref.abs().max().item()
+
+
+def _assert_same(a, sa, b, sb, tol=None, model=None, tokens=None):
+    if tol is None:
+        tol = _float32_drift(model, tokens) if model is not None else TOL
     diff = (a - b).abs().max().item()
-    assert diff < tol, f"logits differ by {diff}"
+    assert diff <= tol, f"logits differ by {diff} (float32 tolerance {tol:.3g})"
     for name, x, y in zip(("att_x", "att_aa", "att_bb", "att_pp", "ffn_x"), sa.tensors(), sb.tensors()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=f"state field {name}")
 
@@ -73,11 +94,11 @@ def test_fused_step_equals_torch_step(ext, cfg, B):
     fused, sf = _run(model, tokens, "auto")
     plain, sp = _run(model, tokens, "torch")
     assert model._decode_plan is not None and model._decode_plan.ok, "the fused path did not run"
-    _assert_same(fused, sf, plain, sp)
+    _assert_same(fused, sf, plain, sp, model=model, tokens=tokens)
     # And the parallel form, from the same carried-in state.
     with torch.no_grad():
         par, spar = model(tokens)
-    _assert_same(fused, sf, par, spar)
+    _assert_same(fused, sf, par, spar, model=model, tokens=tokens)
 
 
 @pytest.mark.parametrize("isa", [0, 1, 2], ids=["scalar", "avx2", "avx512"])
@@ -93,7 +114,7 @@ def test_every_kernel_family(ext, isa):
         tokens = _tokens(cfg, 5, 6)
         fused, sf = _run(model, tokens, "auto")
         plain, sp = _run(model, tokens, "torch")
-        _assert_same(fused, sf, plain, sp)
+        _assert_same(fused, sf, plain, sp, model=model, tokens=tokens)
         # The int8 kernel of the same family against the dequantised matrix.
         from rwkvkit.runtime.quant import quantize_weight
 
@@ -117,7 +138,7 @@ def test_switches_rescale_and_ln0_fold(ext, rescale, fold):
     tokens = _tokens(cfg, 2, 5)
     fused, sf = _run(model, tokens, "auto")
     plain, sp = _run(model, tokens, "torch")
-    _assert_same(fused, sf, plain, sp)
+    _assert_same(fused, sf, plain, sp, model=model, tokens=tokens)
 
 
 def test_logits_modes_and_input_state_untouched(ext):
@@ -144,17 +165,17 @@ def test_plan_follows_weight_changes(ext):
     _run(model, tokens, "auto")
     # In place (load_state_dict copies into the existing storage).
     model.load_state_dict(sd2)
-    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"))
+    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"), model=other, tokens=tokens)
     # A derived value's source edited in place: omega = -exp(time_decay).
     with torch.no_grad():
         model.blocks[1].att.time_decay.add_(0.5)
         other.blocks[1].att.time_decay.add_(0.5)
-    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"))
+    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"), model=other, tokens=tokens)
     # A Parameter replaced by a new one.
     new = torch.nn.Parameter(torch.randn_like(model.head.weight))
     model.head.weight = new
     other.head.weight = torch.nn.Parameter(new.detach().clone())
-    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"))
+    _assert_same(*_run(model, tokens, "auto"), *_run(other, tokens, "torch"), model=other, tokens=tokens)
 
 
 def test_steps_aside_for_autograd_and_other_dtypes(ext):
@@ -173,7 +194,7 @@ def test_steps_aside_for_autograd_and_other_dtypes(ext):
     with torch.no_grad():
         a, _ = m64(tok)
         b, _ = model(tok)
-    assert (a - b).abs().max().item() < TOL
+    assert (a - b).abs().max().item() <= _float32_drift(model, tok)  # the fused float32 step, as accurate as PyTorch's
 
 
 def test_falls_back_without_the_extension(monkeypatch):
@@ -201,7 +222,7 @@ def test_large_batches_use_the_blas_path(ext, monkeypatch):
     monkeypatch.setattr(infer_cpu, "MAX_BATCH", 64)
     fused, sf = _run(model, tokens, "auto")
     assert model._decode_plan is not None
-    _assert_same(got, sg, fused, sf)
+    _assert_same(got, sg, fused, sf, model=model, tokens=tokens)
 
 
 def test_huge_pages_keep_the_weights(monkeypatch):
