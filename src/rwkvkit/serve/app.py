@@ -806,4 +806,28 @@ def create_app(engine: Engine, model_name: str, *, api_key: str | None = None, c
             "usage": usage(req, total),
         }
 
+    # The endpoints read their bodies themselves (body_of: JSON limits, 400s
+    # shaped like OpenAI's), so FastAPI's generated schema lacks them: add the
+    # request models, so that app.openapi() describes the API (the schema is
+    # not served; the test suite fuzzes the API from it).
+    body_models = {"/v1/completions": CompletionBody, "/v1/chat/completions": ChatBody,
+                   "/tokenize": TokenizeBody, "/detokenize": DetokenizeBody}
+
+    def openapi_schema() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, cls in body_models.items():
+            sch = cls.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(sch.pop("$defs", {}))
+            schemas[cls.__name__] = sch
+            doc["paths"][path]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{cls.__name__}"}}}}
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi_schema
     return app
