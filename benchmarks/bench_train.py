@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py speed          # tokens/s vs HF RwkvForCausalLM + fp32 matmul rate
     python benchmarks/bench_train.py context        # step time and saved activations vs context 128..4096
-    python benchmarks/bench_train.py shakespeare    # RWKV-4, RWKV-7 and a same-size GPT, same loop, same wall time
+    python benchmarks/bench_train.py shakespeare    # RWKV-4, -5.2, -6, -7 and a same-size GPT, same loop, same wall time
     python benchmarks/bench_train.py long-context   # val loss by position, trained with / without state carry
     python benchmarks/bench_train.py cuda-check     # the trainer on a GPU (bf16, speed, checkpointing, resume)
 
@@ -285,23 +285,29 @@ def cmd_shakespeare(args) -> None:
         m.wkv_backend = args.backend
         return m
 
-    def make_rwkv7():
-        # What `rwkvkit train --generation 7` builds: x070 init, the May-2025
-        # trainer's LoRA ranks, no layer-0 value LoRA.
-        from rwkvkit import models
-        from rwkvkit.train.loop import model_config
+    def maker(generation: str):
+        # What `rwkvkit train --generation N` builds: the generation's official
+        # init and default ranks (RWKV-7: no layer-0 value LoRA).
+        def make():
+            from rwkvkit import models
+            from rwkvkit.train.loop import model_config
 
-        mc = model_config(TrainConfig(generation="7", n_layer=L, n_embd=C, head_size=args.head_size), 256)
-        m = models.build(mc)
-        init_weights(m, seed=0)
-        m.wkv_backend = args.backend7
-        return m
+            # RWKV-6's default LoRA ranks (32/64) add 12% at this width: 8/16 keep
+            # its parameter count level with the others.
+            ranks = dict(d_mix=8, d_decay=16) if generation == "6" else {}
+            mc = model_config(TrainConfig(generation=generation, n_layer=L, n_embd=C, head_size=args.head_size, **ranks), 256)
+            m = models.build(mc)
+            init_weights(m, seed=0)
+            m.wkv_backend = args.backend7
+            return m
+
+        return make
 
     def make_gpt():
         torch.manual_seed(0)
         return GPT(256, L, C, args.heads, T)
 
-    makers = {"rwkv": make_rwkv, "rwkv7": make_rwkv7, "gpt": make_gpt}
+    makers = {"rwkv": make_rwkv, "rwkv5": maker("5"), "rwkv6": maker("6"), "rwkv7": maker("7"), "gpt": make_gpt}
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in makers]
     if unknown:
@@ -343,7 +349,7 @@ def cmd_shakespeare(args) -> None:
         print(f"plot: {args.plot}")
 
 
-_LABELS = {"rwkv": "RWKV-4", "rwkv7": "RWKV-7", "gpt": "GPT"}
+_LABELS = {"rwkv": "RWKV-4", "rwkv5": "RWKV-5.2", "rwkv6": "RWKV-6", "rwkv7": "RWKV-7", "gpt": "GPT"}
 
 
 def plot_race(work: Path, path: Path) -> None:
@@ -525,10 +531,10 @@ def main(argv=None) -> None:
     s.add_argument("--steps", type=int, default=2)
     s.add_argument("--backend", default="auto")
 
-    s = sub.add_parser("shakespeare", help="RWKV-4, RWKV-7 and a same-size GPT on Tiny Shakespeare, same loop, same time")
-    s.add_argument("--models", default="rwkv,rwkv7,gpt", help="which to race, in order: rwkv (RWKV-4), rwkv7, gpt")
-    s.add_argument("--head-size", type=int, default=64, help="RWKV-7 head size")
-    s.add_argument("--backend7", default="auto", help="RWKV-7 WKV backend (auto, torch, reference)")
+    s = sub.add_parser("shakespeare", help="RWKV-4, -5.2, -6, -7 and a same-size GPT on Tiny Shakespeare, same loop, same time")
+    s.add_argument("--models", default="rwkv,rwkv5,rwkv6,rwkv7,gpt", help="which to race, in order: rwkv (RWKV-4), rwkv5 (5.2), rwkv6, rwkv7, gpt")
+    s.add_argument("--head-size", type=int, default=64, help="RWKV-5/6/7 head size")
+    s.add_argument("--backend7", default="auto", help="RWKV-5/6/7 WKV backend (auto, torch, reference)")
     s.add_argument("--text", default=str(SHARED / "tinyshakespeare.txt"))
     s.add_argument("--work", default=None, help="folder for data and runs (default: a temporary folder)")
     s.add_argument("--minutes", type=float, default=15.0, help="training time per model")
