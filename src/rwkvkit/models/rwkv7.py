@@ -176,6 +176,22 @@ LR_SCALES = {"att.w0": 2.0}
 LORA_TARGETS = ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.value")
 
 
+def _plus(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``fresh + other``, written into ``fresh`` where that keeps the result's dtype.
+
+    On the CPU a fresh [B, T, C] allocation (page faults) costs more than the
+    arithmetic, so the prompt path adds into temporaries it owns: products and
+    matmul outputs, whose backward never reads them, so this is autograd-safe.
+    Addition commutes exactly, so the rounding is that of ``other + fresh``
+    (unlike addcmul, whose fused multiply-add differs).  Where the sum would
+    promote (a bf16 product under autocast plus an fp32 parameter) it is the
+    ordinary out-of-place sum.
+    """
+    if fresh.dtype == torch.promote_types(fresh.dtype, other.dtype):
+        return fresh.add_(other)
+    return fresh + other
+
+
 class TimeMix(nn.Module):
     """RWKV-7 time mixing (spec 3.4)."""
 
@@ -224,24 +240,24 @@ class TimeMix(nn.Module):
         # The decay, the WKV and its inputs run in fp32 at least (fp64 for fp64 models).
         f32 = torch.promote_types(x.dtype, torch.float32)
         dx = shift(x, prev) - x
-        # The six mixes x + dx * x_c broadcast at once into one [6, B, T, C] tensor
-        # (two ops instead of twelve; not addcmul, whose fused multiply-add rounds differently).
+        # The six mixes x + dx * x_c at once into one [6, B, T, C] tensor (_plus:
+        # the sum written into the fresh product).
         mixes = torch.stack([getattr(self, f"x_{m}") for m in ("r", "w", "k", "v", "a", "g")])  # [6, 1, 1, C]
-        xr, xw, xk, xv, xa, xg = (x + dx * mixes).unbind(0)
+        xr, xw, xk, xv, xa, xg = _plus(dx * mixes, x).unbind(0)
         r = self.receptance(xr)
         k = self.key(xk)
         v = self.value(xv)
         # Decay and gates in fp32 (the decay must be: w is close to 1).
-        w_hat = self.w0.to(f32) + torch.tanh(xw.to(f32) @ self.w1.to(f32)) @ self.w2.to(f32)
+        w_hat = _plus(torch.tanh(xw.to(f32) @ self.w1.to(f32)) @ self.w2.to(f32), self.w0.to(f32))
         logw = -_DECAY_SCALE * torch.sigmoid(w_hat)  # log of w in (-0.6065, 0)
-        alpha = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
+        alpha = torch.sigmoid(_plus((xa @ self.a1) @ self.a2, self.a0))
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kappa = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, eps=1e-12)
-        k = k * (1 + (alpha - 1) * self.k_a)  # k_tilde
+        k = k * ((alpha - 1) * self.k_a).add_(1)  # k_tilde = k * (1 + (alpha - 1) * k_a)
         if v_first is None:
             v_first = v
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = _plus((v_first - v) * torch.sigmoid(_plus((xv @ self.v1) @ self.v2, self.v0)), v)
         heads = lambda t: t.to(f32).view(B, T, H, N)  # noqa: E731
         alpha_h = heads(alpha)
         a, b = -kappa.to(f32), kappa.to(f32) * alpha_h
@@ -252,7 +268,7 @@ class TimeMix(nn.Module):
             y, kv = wkv7(heads(r), logw.view(B, T, H, N), heads(k), heads(v), a, b, kv, backend=backend)
         z = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, H, N)
         bonus = (heads(r) * heads(k) * self.r_k.to(f32)).sum(-1, keepdim=True) * heads(v)  # [B, T, H, N]
-        z = (z + bonus.to(z.dtype)).view(B, T, C)
+        z = bonus.to(z.dtype).add_(z).view(B, T, C)  # z + bonus (bonus is a fresh product)
         return self.output(z * g), kv, v_first
 
 
@@ -268,7 +284,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(config.dim_ffn, C, bias=False)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        xk = x + (shift(x, prev) - x) * self.x_k
+        xk = _plus((shift(x, prev) - x) * self.x_k, x)
         h = self.key(xk)
         if h.requires_grad:
             h = torch.square(torch.relu(h))
@@ -324,9 +340,9 @@ class RWKV7(RWKVBase):
         for i, block in enumerate(self.blocks):
             a = block.ln1(x)
             out, kv, v_first = block.att(a, state.att_x[i], state.att_kv[i], v_first, self.wkv_backend)
-            x = x + out
+            x = _plus(out, x)  # x + out
             b = block.ln2(x)
-            x = x + block.ffn(b, state.ffn_x[i])
+            x = _plus(block.ffn(b, state.ffn_x[i]), x)
             att_x.append(a[:, -1].float())
             ffn_x.append(b[:, -1].float())
             att_kv.append(kv)
