@@ -94,7 +94,7 @@ def _print_json(obj, dest: str | None) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..tokenizer import tokenizer_for_model
-    from .common import load_model_arg
+    from .common import load_model_arg, one_thread_for_small_models
 
     if args.window < 1:
         raise RwkvkitError(f"--window must be at least 1, got {args.window}")
@@ -107,6 +107,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.data is not None and not Path(args.data).exists():
         raise RwkvkitError(f"--data '{args.data}' does not exist")
     model = load_model_arg(args.model, dtype=args.dtype, device=args.device)
+    one_thread_for_small_models(model)
     progress = not args.no_progress
     if args.task == "ppl":
         from ..eval.perplexity import is_token_file, perplexity

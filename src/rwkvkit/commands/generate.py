@@ -10,8 +10,6 @@ from ..errors import RwkvkitError
 
 # Loading files larger than this prints a note (and rwkv.cpp files a progress bar).
 BIG_MODEL_BYTES = 200 * 1024 * 1024
-# Below this many parameters the CLI runs on one CPU thread (faster for tiny models).
-SMALL_MODEL_PARAMS = 20_000_000
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -110,7 +108,7 @@ def _load(args, huge_pages: bool = False):
     """(model, tokenizer) for the flags; the tokenizer is checked against the model."""
     from ..generate import SHIPPED_MODEL
     from ..tokenizer import tokenizer_for_model
-    from .common import load_model_arg
+    from .common import load_model_arg, one_thread_for_small_models
 
     path = args.model
     dtype = args.dtype
@@ -129,12 +127,7 @@ def _load(args, huge_pages: bool = False):
     model = load_model_arg(path, dtype=dtype, device=args.device, huge_pages=huge_pages)
     if big:  # which weights and kernels decode (rwkvkit.runtime.decode_kernel)
         print(f"decoding with the {getattr(model, 'decode_kernel', 'PyTorch step')}", file=sys.stderr, flush=True)
-    if model.device.type == "cpu" and model.num_parameters() < SMALL_MODEL_PARAMS:
-        # One RNN step of a small model is a few hundred tiny ops; extra
-        # threads only add synchronisation (3-10x slower on a busy machine).
-        import torch
-
-        torch.set_num_threads(1)
+    one_thread_for_small_models(model)
     tok = tokenizer_for_model(model, path, args.tokenizer, download=args.download_tokenizer)
     return model, tok
 
