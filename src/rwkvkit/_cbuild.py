@@ -43,13 +43,15 @@ STALE_LOCK_SECONDS = 20 * 60
 
 
 def _source_tag(sources: list[str], cflags: list[str]) -> str:
-    """A short hash of the sources (and the headers beside them) and the flags."""
+    """A short hash of the sources (their paths and contents, and the headers
+    beside them) and the flags.  The path counts because torch's build files
+    name it: two checkouts sharing a folder would rebuild over each other."""
     import hashlib
 
     h = hashlib.sha256(" ".join(cflags).encode())
-    files = sorted({Path(s) for s in sources} | {f for s in sources for f in Path(s).parent.glob("*.h")})
+    files = sorted({Path(s).resolve() for s in sources} | {f.resolve() for s in sources for f in Path(s).parent.glob("*.h")})
     for f in files:
-        h.update(f.name.encode())
+        h.update(str(f).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:10]
 
@@ -71,9 +73,9 @@ def _clear_stale_lock(cpp_extension, name: str) -> None:
 def build_extension(name: str, sources: list[str], cflags: list[str], what: str):
     """Compile (or load the cached build of) an extension; raises on failure.
 
-    The build folder is named after a hash of the sources and flags, so two
-    versions of the code (two checkouts, an upgrade) never rebuild over each
-    other or load each other's half-built library.  A first compile takes tens
+    The build folder is named after a hash of the sources (paths and contents)
+    and flags, so two versions of the code (two checkouts, an upgrade) never
+    rebuild over each other or load each other's half-built library.  A first compile takes tens
     of seconds, so it is announced on stderr once (a cache load is silent).
     """
     name = f"{name}_{_source_tag(sources, cflags)}"
