@@ -16,6 +16,8 @@ tests only: it is slow and never used by the operators.
 
 from __future__ import annotations
 
+import contextlib
+
 import ctypes
 import hashlib
 import os
@@ -147,6 +149,18 @@ def build_emulation(name: str, directory: Path) -> Path:
         "-x", "c++", "-DRWKVKIT_CUDA_EMULATION", f"-I{CSRC}", "-Wno-unknown-pragmas",
     ]  # fmt: skip
     return _compile([cxx], CSRC / f"{name}.cu", flags, "emulation", directory, f"{name}_emu")
+
+
+def on_device(dev: torch.device):
+    """Make ``dev`` current for the launch (the kernels run on the current device)."""
+    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
+def kernel_dtype(xs) -> torch.dtype:
+    """bfloat16 when every input is bfloat16, else float32 (fp16 and mixed inputs are upcast)."""
+    return torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in xs) else torch.float32
 
 
 def stream_of(t: torch.Tensor) -> int | None:

@@ -12,12 +12,11 @@ form.  The maths of the backward: ``ops/wkv7/NOTES.md`` ("CUDA kernels").
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
 import torch
 
-from ..cuda_lib import CudaLibrary, check, ptr, stream_of
+from ..cuda_lib import CudaLibrary, check, kernel_dtype as _kernel_dtype, on_device as _on_device, ptr, stream_of
 from .types import check_inputs, check_step_inputs
 
 HEAD_SIZES = (16, 32, 64, 128)
@@ -50,21 +49,9 @@ def _lib(device: torch.device) -> ctypes.CDLL:
     raise ValueError(f"wkv7 backend 'cuda' needs CUDA tensors, got them on {device}")
 
 
-def _on_device(dev: torch.device):
-    """Make ``dev`` current for the launch (the kernels run on the current device)."""
-    if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
-        return torch.cuda.device(dev)
-    return contextlib.nullcontext()
-
-
 def get_implementation():
     """``wkv7_cuda`` if the kernel can run here, else None (one warning if the build failed)."""
     return wkv7_cuda if LIBRARY.available() else None
-
-
-def _kernel_dtype(xs) -> torch.dtype:
-    """bfloat16 when every input is bfloat16, else float32 (fp16 and mixed inputs are upcast)."""
-    return torch.bfloat16 if all(x.dtype == torch.bfloat16 for x in xs) else torch.float32
 
 
 def supported(r: torch.Tensor) -> bool:
