@@ -27,6 +27,58 @@ from ..errors import RwkvkitError
 
 LogitsMode = Literal["all", "last", "none"]
 
+# Below this many rows a product of fp32 activations with a half weight runs
+# in the weight's dtype (the activations rounded once) instead of widening the
+# whole weight: a one-row head product would otherwise write an fp32 copy of a
+# [65536, C] matrix per token.
+WIDEN_MIN_ROWS = 16
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that also takes activations of another float dtype.
+
+    With matching dtypes it is ``nn.Linear`` exactly.  Where a half-precision
+    model runs its prompt with fp32 activations (:attr:`RWKVBase.prompt_dtype`)
+    the weight is widened for the product (exact: every bf16/fp16 value is a
+    float), so the product is an fp32 GEMM with fp32 accumulation; for fewer
+    than ``WIDEN_MIN_ROWS`` rows the activations are rounded to the weight's
+    dtype instead.  The result has the activations' dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == w.dtype:
+            return F.linear(x, w, self.bias)
+        b = self.bias
+        if x.numel() >= WIDEN_MIN_ROWS * x.shape[-1]:
+            return F.linear(x, w.to(x.dtype), b.to(x.dtype) if b is not None else None)
+        return F.linear(x.to(w.dtype), w, b).to(x.dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose affine parameters follow the input's dtype when they differ."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w is not None and w.dtype != x.dtype:
+            w, b = w.to(x.dtype), b.to(x.dtype) if b is not None else None
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` whose affine parameters follow the input's dtype when they differ."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w is not None and w.dtype != x.dtype:
+            w, b = w.to(x.dtype), b.to(x.dtype) if b is not None else None
+        return F.group_norm(x, self.num_groups, w, b, self.eps)
+
+
+def like(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Parameter ``p`` in the dtype of activations ``x`` (itself when they match)."""
+    return p if p.dtype == x.dtype else p.to(x.dtype)
+
 
 def shift(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """Token shift (RWKV-4 paper 4.2): the previous token's vector at every position.
@@ -60,6 +112,12 @@ class RWKVBase(nn.Module):
         # -> (logits, state) or None when it cannot run this call.
         self.step_accelerator: Callable | None = None
         self._decode_plan = None
+        # Activations' dtype for prompts (T > 1) run without autograd; None =
+        # the weights' dtype.  rwkvkit.runtime.accelerate sets float32 for a
+        # half model on a CPU without a native half matmul: the products then
+        # widen the weights (Linear above) and the element-wise work runs in
+        # fp32, which there is faster than bf16/fp16 arithmetic and exact-er.
+        self.prompt_dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------ conveniences
     @property
@@ -129,11 +187,14 @@ class RWKVBase(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise RwkvkitError(f"token id {bad} is out of range for this model's vocabulary of {vocab}")
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """LN0(emb[tokens]) [B, T, C] (folded table when present)."""
+    def embed(self, tokens: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """LN0(emb[tokens]) [B, T, C] (folded table when present), computed in
+        ``dtype`` (default: the model's)."""
         if self.emb_folded is not None:
-            return F.embedding(tokens, self.emb_folded)
-        return self.blocks[0].ln0(self.emb(tokens))
+            x = F.embedding(tokens, self.emb_folded)
+            return x if dtype is None else x.to(dtype)
+        x = self.emb(tokens)
+        return self.blocks[0].ln0(x if dtype is None else x.to(dtype))
 
     def output(self, x: torch.Tensor, logits: LogitsMode) -> torch.Tensor | None:
         if logits == "none":
@@ -173,7 +234,9 @@ class RWKVBase(nn.Module):
             out = self.step_accelerator(self, tokens, state, logits != "none")
             if out is not None:
                 return out
-        x, new_state = self.forward_blocks(self.embed(tokens), state)
+        pd = self.prompt_dtype
+        wide = pd is not None and T > 1 and pd != self.dtype and not torch.is_grad_enabled()
+        x, new_state = self.forward_blocks(self.embed(tokens, pd if wide else None), state)
         return self.output(x, logits), new_state
 
     def forward_blocks(self, x: torch.Tensor, state):  # pragma: no cover - abstract

@@ -23,7 +23,7 @@ from .. import ops
 from ..config import ModelConfig, count_layers, dtype_from_name, require
 from ..errors import RwkvkitError, ShapeError
 from ..state import State
-from .common import RWKVBase, shift as _shift
+from .common import LayerNorm, Linear, RWKVBase, shift as _shift
 from .rwkv4_init import init_weights, random_state_dict  # noqa: F401  (the generation's recipe, for the registry)
 
 SIGNATURE_KEYS: tuple[str, ...] = ()  # the default generation: no distinguishing key
@@ -145,7 +145,7 @@ LORA_TARGETS = ("att.key", "att.value", "att.receptance", "att.output", "ffn.key
 
 def _mix(x: torch.Tensor, xx: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """mu * x + (1 - mu) * xx (spec 1.2), as one lerp: xx + mu * (x - xx)."""
-    return torch.lerp(xx, x, mu)
+    return torch.lerp(xx, x, mu if mu.dtype == x.dtype else mu.to(x.dtype))
 
 
 class TimeMix(nn.Module):
@@ -163,10 +163,10 @@ class TimeMix(nn.Module):
         self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.ones(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
+        self.key = Linear(C, A, bias=False)
+        self.value = Linear(C, A, bias=False)
+        self.receptance = Linear(C, A, bias=False)
+        self.output = Linear(A, C, bias=False)
 
     def forward(
         self,
@@ -204,9 +204,9 @@ class ChannelMix(nn.Module):
         self.layer_id = layer_id
         self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
-        self.key = nn.Linear(C, Fh, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(Fh, C, bias=False)
+        self.key = Linear(C, Fh, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(Fh, C, bias=False)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """x [B, T, C] is the LN2 output; prev [B, C] the previous token's."""
@@ -227,9 +227,9 @@ class Block(nn.Module):
         if layer_id == 0:
             # Applied once, right after the embedding (paper 4.7, small-init
             # embedding); it lives in block 0 for the official key names.
-            self.ln0 = nn.LayerNorm(C, eps=eps)
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
+            self.ln0 = LayerNorm(C, eps=eps)
+        self.ln1 = LayerNorm(C, eps=eps)
+        self.ln2 = LayerNorm(C, eps=eps)
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
 
@@ -252,8 +252,8 @@ class RWKV(RWKVBase):
         C = config.n_embd
         self.emb = nn.Embedding(config.vocab_size, C)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.ln_out = LayerNorm(C, eps=config.layer_norm_eps)
+        self.head = Linear(C, config.vocab_size, bias=False)
         self._init_common()
         self.wkv_backend = "auto"
         if config.ln0_fold_dtype is not None:

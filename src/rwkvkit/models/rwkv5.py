@@ -38,7 +38,7 @@ from ..config import ModelConfig, count_layers, require
 from ..errors import CheckpointError, RwkvkitError, ShapeError
 from ..ops.wkv6 import wkv6, wkv6_step
 from ..state import MatrixState
-from .common import RWKVBase, shift
+from .common import GroupNorm, LayerNorm, Linear, RWKVBase, like, shift
 
 SIGNATURE_KEYS = (".att.ln_x.weight",)
 BONUS_KEYS = ("time_first", "time_faaaa")
@@ -189,7 +189,9 @@ LORA_TARGETS = ("att.key", "att.value", "att.receptance", "att.gate", "att.outpu
 
 
 def _mix(x: torch.Tensor, xx: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """x * mu + xx * (1 - mu): the `rwkv` package's expression, for its rounding."""
+    """x * mu + xx * (1 - mu): the `rwkv` package's expression, for its rounding
+    (1 - mu in the activations' dtype)."""
+    mu = like(mu, x)
     return x * mu + xx * (1 - mu)
 
 
@@ -234,13 +236,13 @@ class TimeMix(nn.Module):
         self.time_decay = nn.Parameter(torch.zeros(per))
         # The current token's bonus: u itself (time_faaaa) or log u (time_first).
         setattr(self, config.bonus, nn.Parameter(torch.zeros(per)))
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
+        self.receptance = Linear(C, A, bias=False)
+        self.key = Linear(C, A, bias=False)
+        self.value = Linear(C, A, bias=False)
         if config.gate:
-            self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, A, eps=config.group_norm_eps)
+            self.gate = Linear(C, A, bias=False)
+        self.output = Linear(A, C, bias=False)
+        self.ln_x = GroupNorm(H, A, eps=config.group_norm_eps)
 
     def bonus_u(self, dtype: torch.dtype) -> torch.Tensor:
         """u [H, N] in ``dtype``."""
@@ -273,9 +275,9 @@ class ChannelMix(nn.Module):
         self.layer_id = layer_id
         self.time_mix_k = nn.Parameter(torch.ones(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.ones(1, 1, C))
-        self.key = nn.Linear(C, config.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+        self.key = Linear(C, config.dim_ffn, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(config.dim_ffn, C, bias=False)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         xx = shift(x, prev)
@@ -291,9 +293,9 @@ class Block(nn.Module):
         C, eps = config.n_embd, config.layer_norm_eps
         self.layer_id = layer_id
         if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C, eps=eps)
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
+            self.ln0 = LayerNorm(C, eps=eps)
+        self.ln1 = LayerNorm(C, eps=eps)
+        self.ln2 = LayerNorm(C, eps=eps)
         self.att = time_mix(config, layer_id)
         self.ffn = channel_mix(config, layer_id)
 
@@ -315,8 +317,8 @@ class MatrixStateRWKV(RWKVBase):
         C = config.n_embd
         self.emb = nn.Embedding(config.vocab_size, C)
         self.blocks = nn.ModuleList([Block(config, i, self.TIME_MIX, self.CHANNEL_MIX) for i in range(config.n_layer)])
-        self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.ln_out = LayerNorm(C, eps=config.layer_norm_eps)
+        self.head = Linear(C, config.vocab_size, bias=False)
         self._init_common()
         self.wkv_backend = "auto"
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig, count_layers, require
 from ..errors import ShapeError
 from ..state import MatrixState  # noqa: F401  (the state this model carries)
-from .common import shift
+from .common import GroupNorm, Linear, like, shift
 from .rwkv5 import MatrixStateRWKV, group_norm_out, run_wkv
 
 SIGNATURE_KEYS = (".att.time_maa_x",)
@@ -182,12 +182,12 @@ class TimeMix(nn.Module):
         self.time_decay_w2 = nn.Parameter(torch.zeros(config.d_decay, A))
         # The current token's bonus u (raw).
         self.time_faaaa = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, A, bias=False)
-        self.key = nn.Linear(C, A, bias=False)
-        self.value = nn.Linear(C, A, bias=False)
-        self.gate = nn.Linear(C, A, bias=False)
-        self.output = nn.Linear(A, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, A, eps=config.group_norm_eps)
+        self.receptance = Linear(C, A, bias=False)
+        self.key = Linear(C, A, bias=False)
+        self.value = Linear(C, A, bias=False)
+        self.gate = Linear(C, A, bias=False)
+        self.output = Linear(A, C, bias=False)
+        self.ln_x = GroupNorm(H, A, eps=config.group_norm_eps)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor, kv: torch.Tensor, backend: str = "auto"):
         """x [B, T, C] is the LN1 output, prev [B, C] the previous token's, kv
@@ -196,8 +196,8 @@ class TimeMix(nn.Module):
         f32 = torch.promote_types(x.dtype, torch.float32)
         dx = shift(x, prev) - x
         xxx = x + dx * self.time_maa_x
-        m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, self.d_mix).transpose(0, 1)  # [5, BT, D]
-        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C).unbind(0)
+        m = torch.tanh(xxx @ like(self.time_maa_w1, xxx)).view(B * T, 5, self.d_mix).transpose(0, 1)  # [5, BT, D]
+        mw, mk, mv, mr, mg = torch.bmm(m, like(self.time_maa_w2, m)).view(5, B, T, C).unbind(0)
         xw = x + dx * (self.time_maa_w + mw)
         xk = x + dx * (self.time_maa_k + mk)
         xv = x + dx * (self.time_maa_v + mv)
@@ -207,7 +207,7 @@ class TimeMix(nn.Module):
         k = self.key(xk)
         v = self.value(xv)
         g = F.silu(self.gate(xg))
-        d = self.time_decay.to(f32) + (torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2).to(f32)
+        d = self.time_decay.to(f32) + (torch.tanh(xw @ like(self.time_decay_w1, xw)) @ like(self.time_decay_w2, xw)).to(f32)
         logw = -torch.exp(d).view(B, T, self.n_head, self.head_size)  # per token and key channel
         y, kv = run_wkv(self, r, k, v, logw, self.time_faaaa.to(f32), kv, backend)
         return self.output(group_norm_out(self, y, x.dtype) * g), kv
@@ -222,9 +222,9 @@ class ChannelMix(nn.Module):
         self.layer_id = layer_id
         self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
         self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, config.dim_ffn, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+        self.key = Linear(C, config.dim_ffn, bias=False)
+        self.receptance = Linear(C, C, bias=False)
+        self.value = Linear(config.dim_ffn, C, bias=False)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         dx = shift(x, prev) - x

@@ -36,7 +36,7 @@ from ..config import ModelConfig, count_layers, require
 from ..errors import CheckpointError, RwkvkitError, ShapeError
 from ..ops.wkv7 import wkv7, wkv7_step
 from ..state import MatrixState
-from .common import RWKVBase, shift
+from .common import GroupNorm, LayerNorm, Linear, RWKVBase, like, shift
 
 SIGNATURE_KEYS = (".att.r_k", ".att.x_r", ".att.x_rwkvag")
 # exp(-0.5): the decay is w = exp(-e^-0.5 * sigmoid(w_hat)) in (0.545, 1) (spec 3.4 step 3).
@@ -223,11 +223,11 @@ class TimeMix(nn.Module):
         self.k_k = nn.Parameter(torch.zeros(1, 1, C))
         self.k_a = nn.Parameter(torch.zeros(1, 1, C))
         self.r_k = nn.Parameter(torch.zeros(H, N))
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
-        self.ln_x = nn.GroupNorm(H, C, eps=config.group_norm_eps)
+        self.receptance = Linear(C, C, bias=False)
+        self.key = Linear(C, C, bias=False)
+        self.value = Linear(C, C, bias=False)
+        self.output = Linear(C, C, bias=False)
+        self.ln_x = GroupNorm(H, C, eps=config.group_norm_eps)
 
     def forward(
         self, x: torch.Tensor, prev: torch.Tensor, kv: torch.Tensor, v_first: torch.Tensor | None, backend: str = "auto"
@@ -250,14 +250,14 @@ class TimeMix(nn.Module):
         # Decay and gates in fp32 (the decay must be: w is close to 1).
         w_hat = _plus(torch.tanh(xw.to(f32) @ self.w1.to(f32)) @ self.w2.to(f32), self.w0.to(f32))
         logw = -_DECAY_SCALE * torch.sigmoid(w_hat)  # log of w in (-0.6065, 0)
-        alpha = torch.sigmoid(_plus((xa @ self.a1) @ self.a2, self.a0))
-        g = torch.sigmoid(xg @ self.g1) @ self.g2
+        alpha = torch.sigmoid(_plus((xa @ like(self.a1, xa)) @ like(self.a2, xa), self.a0))
+        g = torch.sigmoid(xg @ like(self.g1, xg)) @ like(self.g2, xg)
         kappa = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, eps=1e-12)
         k = k * ((alpha - 1) * self.k_a).add_(1)  # k_tilde = k * (1 + (alpha - 1) * k_a)
         if v_first is None:
             v_first = v
         else:
-            v = _plus((v_first - v) * torch.sigmoid(_plus((xv @ self.v1) @ self.v2, self.v0)), v)
+            v = _plus((v_first - v) * torch.sigmoid(_plus((xv @ like(self.v1, xv)) @ like(self.v2, xv), self.v0)), v)
         heads = lambda t: t.to(f32).view(B, T, H, N)  # noqa: E731
         alpha_h = heads(alpha)
         a, b = -kappa.to(f32), kappa.to(f32) * alpha_h
@@ -280,8 +280,8 @@ class ChannelMix(nn.Module):
         C = config.n_embd
         self.layer_id = layer_id
         self.x_k = nn.Parameter(torch.zeros(1, 1, C))
-        self.key = nn.Linear(C, config.dim_ffn, bias=False)
-        self.value = nn.Linear(config.dim_ffn, C, bias=False)
+        self.key = Linear(C, config.dim_ffn, bias=False)
+        self.value = Linear(config.dim_ffn, C, bias=False)
 
     def forward(self, x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         xk = _plus((shift(x, prev) - x) * self.x_k, x)
@@ -301,9 +301,9 @@ class Block(nn.Module):
         C, eps = config.n_embd, config.layer_norm_eps
         self.layer_id = layer_id
         if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C, eps=eps)
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
+            self.ln0 = LayerNorm(C, eps=eps)
+        self.ln1 = LayerNorm(C, eps=eps)
+        self.ln2 = LayerNorm(C, eps=eps)
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
 
@@ -324,8 +324,8 @@ class RWKV7(RWKVBase):
         C = config.n_embd
         self.emb = nn.Embedding(config.vocab_size, C)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
-        self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.head = nn.Linear(C, config.vocab_size, bias=False)
+        self.ln_out = LayerNorm(C, eps=config.layer_norm_eps)
+        self.head = Linear(C, config.vocab_size, bias=False)
         self._init_common()
         self.wkv_backend = "auto"
 

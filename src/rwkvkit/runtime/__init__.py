@@ -4,8 +4,8 @@
   (fp32, bf16, fp16 and int8 weights), with optional 2 MiB pages for the weights;
 - :mod:`~rwkvkit.runtime.quant`: int8 weight matrices (:func:`quantize_int8`);
 - :mod:`~rwkvkit.runtime.cuda_graph`: the decode step as one CUDA graph;
-- :class:`UpcastLinear`: half-precision prompts multiplied in fp32 where the
-  CPU has no native bf16/fp16 matmul (:func:`native_half_matmul`).
+- half-precision prompts with fp32 activations where the CPU has no native
+  bf16/fp16 matmul (:func:`native_half_matmul`; ``model.prompt_dtype``).
 
 A model gets an accelerator through :func:`accelerate`, which sets its
 ``step_accelerator`` hook; ``rwkvkit.load`` calls it.  Without one a model
@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ def accelerate(model, *, huge_pages: bool = False):
     (:func:`decode_kernel`; a description as of this call: casting or
     quantising the model later changes what runs, re-ask then), and
     ``model.prompt_matmul``, how a half model's prompts multiply (see
-    :class:`UpcastLinear`).  Returns the model.
+    :func:`_half_prompts`).  Returns the model.
     """
     model.step_accelerator = CpuStep(huge_pages=huge_pages)
     model._decode_plan = None
@@ -62,9 +61,8 @@ def native_half_matmul(dtype: torch.dtype) -> bool:
     AMX: bf16 3.4x, fp16 0.93x; the same CPU limited to AVX512-BF16 (as Zen 4):
     bf16 0.64x, fp16 0.10x; to AVX-512: 0.27x / 0.12x; to AVX2: 0.12x / 0.11x.
     So native means AMX for bf16 (amx_bf16) and AVX512-FP16 or AMX for fp16
-    (avx512_fp16, amx_fp16).  The fp32 route (:class:`UpcastLinear`) ran at
-    0.80x fp32 for fp16 (AVX2) and 0.74x on Sapphire Rapids, where the native
-    fp16 product is the faster one.
+    (avx512_fp16, amx_fp16); elsewhere prompts take the fp32 route of
+    :func:`_half_prompts`.
     """
     flags = {torch.bfloat16: ("amx_bf16",), torch.float16: ("avx512_fp16", "amx_fp16")}.get(dtype)
     if flags is None:
@@ -80,48 +78,26 @@ def native_half_matmul(dtype: torch.dtype) -> bool:
     return False
 
 
-class UpcastLinear(nn.Linear):
-    """nn.Linear whose half-precision inference products of many rows run in fp32.
-
-    Where the CPU has no native bf16/fp16 matrix multiply (see
-    :func:`native_half_matmul`), PyTorch's half GEMM runs at 0.1-0.6x the fp32
-    one; widening the weight per call (exact) and multiplying in fp32 costs one
-    pass over the weight, small against a prompt's product, so a half model's
-    prompt runs at about the fp32 speed.  The result is rounded to the input's
-    dtype as the half product's is, from an fp32 sum (at least as accurate).
-    Only without autograd, on the CPU and for at least ``MIN_ROWS`` rows: the
-    one-token PyTorch step and training keep the plain half product.  Same
-    parameters and state dict as nn.Linear (it is one, by subclass).
-    """
-
-    MIN_ROWS = 16
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dtype in (torch.bfloat16, torch.float16)
-            and x.device.type == "cpu"
-            and not torch.is_grad_enabled()
-            and x.numel() >= self.MIN_ROWS * x.shape[-1]
-        ):
-            w = self.weight.float()
-            b = self.bias.float() if self.bias is not None else None
-            return nn.functional.linear(x.float(), w, b).to(x.dtype)
-        return super().forward(x)
-
-
 def _half_prompts(model) -> str:
-    """Swap the half model's nn.Linear layers to :class:`UpcastLinear` where the
-    CPU has no native half matmul; says how prompts multiply."""
+    """Choose how the half model's prompts multiply; says which.
+
+    Where the CPU has no native half matmul the model runs prompts with fp32
+    activations (``model.prompt_dtype``): each product widens its weight
+    (exact) and is an fp32 GEMM, and the element-wise work is fp32 too (half
+    arithmetic on such a CPU converts per element).  Measured on the RWKV-7
+    0.1B shape, T = 512, with oneDNN limited to AVX-512 (no AMX, no BF16):
+    bf16 prompts at 0.71x fp32 with only the products in fp32, ~1.0x with
+    fp32 activations.  Training and the one-token step are unchanged.
+    """
     dtype = model.dtype
+    model.prompt_dtype = None
     if model.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return f"PyTorch {str(dtype).removeprefix('torch.')} matmul"
     name = str(dtype).removeprefix("torch.")
     if native_half_matmul(dtype):
         return f"PyTorch {name} matmul (native on this CPU)"
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight.dtype == dtype:
-            m.__class__ = UpcastLinear
-    return f"{name} weights widened to fp32 per product (no native {name} matmul on this CPU)"
+    model.prompt_dtype = torch.float32
+    return f"{name} weights widened to fp32 per product, fp32 activations (no native {name} matmul on this CPU)"
 
 
 def decode_kernel(model) -> str:
@@ -141,4 +117,4 @@ def quantize_int8(model, head: bool = True):
     return out
 
 
-__all__ = ["accelerate", "decode_kernel", "native_half_matmul", "quantize_int8", "CpuStep", "UpcastLinear"]
+__all__ = ["accelerate", "decode_kernel", "native_half_matmul", "quantize_int8", "CpuStep"]
