@@ -1,24 +1,30 @@
-"""RWKV-5/6 WKV on the CPU: the reference loop against the sub-chunked form.
+"""RWKV-5/6 WKV on the CPU: the reference loop, the sub-chunked form ("torch") and the C++ scan ("cpu").
 
-Prints best-of-N seconds for the forward pass (no grad) and forward+backward
-(autograd) of both, in one run on the same inputs, with the ratio
-reference / chunked, and the float32 chunked form's max error against the
-float64 reference.  Inputs are RWKV-6-like: logw = -exp(d) with d uniform
-over [-7, 1] (w from ~0.999 to ~0.07), so the stable sub-chunked path is
-exercised with decays of every size a trained model produces.
+Prints seconds for the forward pass (no grad) and forward+backward (autograd)
+of each backend, in one run on the same inputs, with the ratio torch / cpu
+(or reference / torch without the cpu backend), and each fp32 backend's max
+error against the float64 reference.  Inputs are RWKV-6-like: logw = -exp(d)
+with d uniform over [-7, 1] (w from ~0.999 to ~0.07).  The load average is
+printed before and after: on a shared machine, wall-clock numbers swing with it.
 
-    .venv/bin/python benchmarks/bench_wkv6_cpu.py [--threads 2] [--T 128 512 2048] [--chunk 32 --sub 16]
+    .venv/bin/python benchmarks/bench_wkv6_cpu.py [--threads 2] [--B 1 --H 16 --T 128 512 2048]
+    .venv/bin/python benchmarks/bench_wkv6_cpu.py --shapes prompt train --backends torch cpu --stat median --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
 
 from rwkvkit.ops.wkv6 import DEFAULT_CHUNK, DEFAULT_SUB_CHUNK, wkv6_chunked, wkv6_reference
+
+# Named (B, T, H, N): a 0.1B-like prompt, and the Tiny Shakespeare race's training batch
+# (4 layers x 256, head size 64, batch 16, ctx 256).
+SHAPES = {"prompt": (1, 512, 16, 64), "train": (16, 256, 4, 64)}
 
 
 def inputs(B, T, H, N, dtype=torch.float32, seed=0):
@@ -30,8 +36,8 @@ def inputs(B, T, H, N, dtype=torch.float32, seed=0):
     return [x.to(dtype) for x in xs]
 
 
-def timed(fn, args, backward: bool, repeats: int, clock=time.perf_counter) -> float:
-    best = float("inf")
+def timed(fn, args, backward: bool, repeats: int, clock=time.perf_counter, stat: str = "best") -> float:
+    times = []
     for i in range(repeats + 1):  # the first run warms up
         leaves = [a.detach().clone().requires_grad_(backward) for a in args]
         start = clock()
@@ -45,8 +51,12 @@ def timed(fn, args, backward: bool, repeats: int, clock=time.perf_counter) -> fl
         if i == 0 and elapsed > 5:
             return elapsed  # the loop at long T: warm-up is noise next to this
         if i > 0:
-            best = min(best, elapsed)
-    return best
+            times.append(elapsed)
+    return min(times) if stat == "best" else statistics.median(times)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -55,36 +65,62 @@ def main() -> None:
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--N", type=int, default=64)
     p.add_argument("--T", type=int, nargs="+", default=[128, 512, 2048])
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="named shapes instead of --B/--H/--N/--T")
+    p.add_argument("--backends", nargs="+", choices=("reference", "torch", "cpu"), default=["reference", "torch", "cpu"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stat", choices=("best", "median"), default="best", help="of the timed repeats")
     p.add_argument("--chunk", type=int, default=DEFAULT_CHUNK)
     p.add_argument("--sub", type=int, default=DEFAULT_SUB_CHUNK)
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
                    help="thread: CPU time of this thread (with --threads 1, robust on a loaded machine)")
-    p.add_argument("--no-reference", action="store_true", help="time the chunked form only (tuning)")
+    p.add_argument("--no-reference", action="store_true", help="same as leaving 'reference' out of --backends")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     if args.clock == "thread" and args.threads != 1:
         p.error("--clock thread measures one thread: use --threads 1")
-    print(f"{os.cpu_count()} logical cores, {args.threads} torch threads, torch {torch.__version__}")
-    print(f"B={args.B} H={args.H} N={args.N}, float32, chunk {args.chunk}, sub-chunk {args.sub}, "
-          f"best of {args.repeats} after a warm-up; {args.clock}-clock seconds\n")
-    chunked = lambda *a: wkv6_chunked(*a, chunk_size=args.chunk, sub_chunk=args.sub)  # noqa: E731
-    header = f"{'T':>6} {'pass':>8} {'reference':>10} {'chunked':>10} {'ratio':>7}"
-    print(header + f" {'fp32 err (max|y|)':>22}")
-    print("-" * (len(header) + 23))
-    for T in args.T:
-        x = inputs(args.B, T, args.H, args.N)
+    names = [b for b in args.backends if not (args.no_reference and b == "reference")]
+    fns = {
+        "reference": wkv6_reference,
+        "torch": lambda *a: wkv6_chunked(*a, chunk_size=args.chunk, sub_chunk=args.sub),
+    }
+    isa = ""
+    if "cpu" in names:
+        from rwkvkit.ops.wkv6 import cpu
+
+        impl = cpu.get_implementation()
+        if impl is None:
+            raise SystemExit("the C++ WKV-6 kernel could not be built (see the warning)")
+        fns["cpu"] = impl
+        isa = f", C++ kernel family {cpu.plan(args.N if not args.shapes else SHAPES[args.shapes[0]][3])[0]}"
+    shapes = [SHAPES[s] for s in args.shapes] if args.shapes else [(args.B, T, args.H, args.N) for T in args.T]
+    print(f"{os.cpu_count()} logical cores, {args.threads} torch threads, torch {torch.__version__}{isa}")
+    print(f"float32, torch = chunk {args.chunk} / sub-chunk {args.sub}; {args.stat} of {args.repeats} after a warm-up; "
+          f"{args.clock}-clock seconds; load average {_load()}\n")
+    a, b = ("torch", "cpu") if {"torch", "cpu"} <= set(names) else ("reference", "torch")
+    ratio = {a, b} <= set(names)
+    header = f"{'B':>3} {'T':>6} {'H':>3} {'N':>4} {'pass':>8} " + " ".join(f"{n:>10}" for n in names)
+    header += f" {a[:5] + '/' + b:>11}" if ratio else ""
+    print(header + "  fp32 err vs fp64 (max|y|)")
+    print("-" * (len(header) + 27))
+    for B, T, H, N in shapes:
+        x = inputs(B, T, H, N)
         with torch.no_grad():
             y64, _ = wkv6_reference(*[t.double() for t in x])
-            y32, _ = chunked(*x)
-        err = f"{(y32.double() - y64).abs().max().item():.2e} ({y64.abs().max().item():.0f})"
+            errs = []
+            for n in names:
+                if n != "reference":
+                    y32, _ = fns[n](*x)
+                    errs.append(f"{n} {(y32.double() - y64).abs().max().item():.1e}")
+        err = ", ".join(errs) + f" ({y64.abs().max().item():.0f})"
         for backward in (False, True):
-            t_ref = float("nan") if args.no_reference else timed(wkv6_reference, x, backward, args.repeats, clock)
-            t_chk = timed(chunked, x, backward, args.repeats, clock)
-            print(f"{T:>6} {'fwd+bwd' if backward else 'fwd':>8} {t_ref:10.4f} {t_chk:10.4f} {t_ref / t_chk:6.1f}x"
-                  + (f" {err:>22}" if not backward else ""), flush=True)
+            t = {n: timed(fns[n], x, backward, args.repeats, clock, args.stat) for n in names}
+            row = f"{B:>3} {T:>6} {H:>3} {N:>4} {'fwd+bwd' if backward else 'fwd':>8} "
+            row += " ".join(f"{t[n]:10.4f}" for n in names)
+            row += f" {t[a] / t[b]:10.1f}x" if ratio else ""
+            print(row + ("  " + err if not backward else ""), flush=True)
+    print(f"\nload average after: {_load()}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ Backends:
 - ``"cuda"``: :mod:`.cuda`, the CUDA kernels (forward, backward, decode
   step), built lazily with nvcc; where the build fails, one warning and
   ``"torch"``.
-- ``"auto"``: ``"cuda"`` for CUDA tensors (when it builds), else ``"torch"``.
+- ``"cpu"``: :mod:`.cpu`, the compiled C++ scan (forward, and a backward
+  from state checkpoints; AVX-512 / AVX2 / scalar picked at run time), built
+  lazily through :mod:`rwkvkit._cbuild`; where the build fails, one warning
+  and ``"torch"``.
+- ``"auto"``: ``"cuda"`` for CUDA tensors (when it builds), ``"cpu"`` for CPU
+  tensors (when it builds; measured 5-50x faster than ``"torch"`` forward and
+  forward+backward at prompt and training shapes, ``wkv6/NOTES.md``), else
+  ``"torch"``.
 
 :func:`wkv6_step` on CUDA tensors with no gradient wanted runs the kernel's
 one-token launch instead of the handful of PyTorch ops.
@@ -45,10 +52,16 @@ def _load_cuda():
     return cuda.get_implementation()  # None without a GPU, or (after one warning) when the build fails
 
 
+def _load_cpu():
+    from . import cpu  # plain Python: importing never builds anything
+
+    return cpu.get_implementation()  # None (after one warning) when the build fails
+
+
 _BACKENDS = Backends(
     "WKV6",
-    {"reference": lambda: wkv6_reference, "torch": lambda: wkv6_chunked, "cuda": _load_cuda},
-    prefer={"cuda": ("cuda",)},
+    {"reference": lambda: wkv6_reference, "torch": lambda: wkv6_chunked, "cpu": _load_cpu, "cuda": _load_cuda},
+    prefer={"cuda": ("cuda",), "cpu": ("cpu",)},
 )
 BACKENDS = _BACKENDS.names
 
