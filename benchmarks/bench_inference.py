@@ -18,7 +18,7 @@ two physical ceilings measured in the same process:
   memory bandwidth  GB/s of reading a 512 MiB tensor (best of torch sum and torch mv); decode ceiling = GB/s /
                     bytes of weights read per token (every matrix once, plus
                     one embedding row): rows "ceiling fp32", "ceiling 2-byte"
-                    (bf16/fp16 matrices; RWKV-7's LoRAs stay fp32) and "ceiling int8"
+                    (bf16/fp16 matrices; RWKV-6/7 LoRAs stay fp32) and "ceiling int8"
   matmul rate       GFLOP/s of a large fp32 torch.mm; prompt ceiling = rate /
                     FLOPs per token (2 per weight of the blocks, plus the head
                     for prompt-all)
@@ -37,6 +37,12 @@ With --generation 7 the shapes are RWKV-7's ("0.1b": 12 x 768, "0.4b": 24 x
 package runs its RWKV_x070 (RWKV_V7_ON=1 must be set before it is imported,
 and switches the whole process, so it runs in a child process of this script
 with the same weights, tokens, threads and timing), and there is no HF row.
+--generation 6 and 5 (5.2: per-channel decay, gate) take the same two
+layouts (head size 64; RWKV-6 with the x060 trainer's LoRA ranks 32 for the
+token shift and 64 for the decay) and the same structure: the `rwkv` package
+("cpu fp32") in its own process, no HF row.
+
+    .venv/bin/python benchmarks/bench_inference.py --generation 6 --shape 0.4b --threads 2
 """
 
 from __future__ import annotations
@@ -62,14 +68,20 @@ SHAPES7 = {
     "0.1b": dict(n_layer=12, n_embd=768, vocab_size=65536, **_LORA7),
     "0.4b": dict(n_layer=24, n_embd=1024, vocab_size=65536, **_LORA7),
 }
+# RWKV-5.2 and RWKV-6 in the same two layouts (World vocabulary, head size 64;
+# RWKV-6 with the x060 trainer's LoRA ranks: 32 for the token shift, 64 for the decay).
+SHAPES5 = {name: dict(n_layer=s["n_layer"], n_embd=s["n_embd"], vocab_size=65536) for name, s in SHAPES7.items()}
+SHAPES6 = {name: dict(s, d_mix=32, d_decay=64) for name, s in SHAPES5.items()}
+SHAPES_BY_GEN = {"4": SHAPES, "5": SHAPES5, "6": SHAPES6, "7": SHAPES7}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--generation", choices=["4", "7"], default="4", help="RWKV generation (default 4)")
+    p.add_argument("--generation", choices=["4", "5", "6", "7"], default="4",
+                   help="RWKV generation (default 4; 5 means 5.2)")
     p.add_argument("--shape", choices=["169m", "small", "0.1b", "0.4b", "both"], default="both",
-                   help="model shape: 169m/small (generation 4), 0.1b/0.4b (generation 7); default both of the generation's")
+                   help="model shape: 169m/small (generation 4), 0.1b/0.4b (generations 5, 6, 7); default both of the generation's")
     p.add_argument("--tokens", type=int, default=512, help="prompt length T (default 512)")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per timed decode run (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is printed (default 5)")
@@ -77,10 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--pip-jit", choices=["0", "1"], default="1", help="RWKV_JIT_ON for the rwkv package (default 1)")
     p.add_argument("--skip", nargs="*", default=[], choices=["pip", "hf", "int8", "half", "ceilings"], help="leave these out")
     p.add_argument("--huge-pages", action="store_true", help="rwkvkit's decoder asks for 2 MiB pages (Linux; runtime.accelerate(model, huge_pages=True))")
-    p.add_argument("--pip7-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--pip-worker", nargs=2, metavar=("JOB", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.pip7_worker is None:
-        shapes = SHAPES7 if args.generation == "7" else SHAPES
+    if args.pip_worker is None:
+        shapes = SHAPES_BY_GEN[args.generation]
         if args.shape != "both" and args.shape not in shapes:
             p.error(f"--shape {args.shape} is not a generation-{args.generation} shape (choose from {', '.join(shapes)})")
     return args
@@ -162,6 +174,28 @@ def decode_bytes7(cfg, int8: bool, wbytes: int | None = None) -> int:
     return matrices + C * 4 + vectors + 2 * cfg.state_bytes_per_sequence
 
 
+def weight_counts56(cfg) -> tuple[int, int, int]:
+    """RWKV-5.x / 6: (weights of the blocks' projection matrices, of the LoRAs (RWKV-6), of the head)."""
+    C, A, F, V, L = cfg.n_embd, cfg.dim_att, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer
+    n_proj = 4 if cfg.generation == "6" or cfg.gate else 3  # r, k, v (, gate)
+    lora = L * (2 * C * 5 * cfg.d_mix + C * cfg.d_decay + cfg.d_decay * A) if cfg.generation == "6" else 0
+    return L * ((n_proj + 1) * C * A + 2 * C * F + C * C), lora, V * C
+
+
+def decode_bytes56(cfg, int8: bool, wbytes: int | None = None) -> int:
+    """RWKV-5.x / 6 bytes per decoded token, as decode_bytes7 counts them (the
+    LoRAs stay fp32): matrices, int8 row scales, one embedding row, the
+    per-channel vectors and the state (read and written)."""
+    blocks, lora, head = weight_counts56(cfg)
+    C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
+    n_proj = 4 if cfg.generation == "6" or cfg.gate else 3
+    rows = L * (n_proj * A + C + cfg.dim_ffn + 2 * C) + cfg.vocab_size
+    wb = wbytes or (1 if int8 else 4)
+    matrices = (blocks + head) * wb + (rows * 4 if int8 else 0) + lora * 4
+    vectors = (L * (12 * C + 4 * A) + 2 * C) * 4
+    return matrices + C * 4 + vectors + 2 * cfg.state_bytes_per_sequence
+
+
 def decode_bytes(cfg, int8: bool, wbytes: int | None = None) -> int:
     """Bytes read from memory per decoded token: every matrix once (``wbytes``
     bytes per weight if given), one embedding row, the per-channel vectors and
@@ -209,41 +243,48 @@ class PipRunner:
         return out
 
 
-class Pip7Runner:
-    """The `rwkv` package's RWKV_x070 in a child process (see pip7_worker):
-    constructed with the checkpoint, run() times everything at once."""
+class PipChildRunner:
+    """The `rwkv` package ("cpu fp32") in a child process (see pip_worker):
+    constructed with the checkpoint, run() times everything at once.  RWKV-7
+    needs RWKV_V7_ON=1 before the package is imported, which switches the
+    whole process; RWKV-5/6 run there too, so every generation's package row
+    is timed the same way."""
 
-    def __init__(self, torch, sd, tmp: Path):
-        self.torch, self.tmp = torch, tmp
-        self.path = tmp / "pip7.pth"
+    def __init__(self, torch, sd, tmp: Path, generation: str):
+        self.torch, self.tmp, self.generation = torch, tmp, generation
+        self.path = tmp / "pip.pth"
         torch.save(sd, self.path)
 
     def run(self, args, prompt, steps) -> tuple[dict, object]:
         import subprocess
 
-        job, out = self.tmp / "pip7-job.pt", self.tmp / "pip7-out.pt"
+        job, out = self.tmp / "pip-job.pt", self.tmp / "pip-out.pt"
         self.torch.save({"path": str(self.path), "threads": args.threads, "prompt": prompt, "steps": steps,
                          "repeats": args.repeats, "prompt_repeats": args.prompt_repeats}, job)
-        env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON=args.pip_jit, RWKV_CUDA_ON="0")
-        proc = subprocess.run([sys.executable, __file__, "--pip7-worker", str(job), str(out)], env=env,
+        env = dict(os.environ, RWKV_JIT_ON=args.pip_jit, RWKV_CUDA_ON="0")
+        env.pop("RWKV_V7_ON", None)
+        if self.generation == "7":
+            env["RWKV_V7_ON"] = "1"
+        proc = subprocess.run([sys.executable, __file__, "--pip-worker", str(job), str(out)], env=env,
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"the rwkv package's RWKV-7 run failed:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"the rwkv package's RWKV-{self.generation} run failed:\n{proc.stderr[-3000:]}")
         res = self.torch.load(out)
         self.path.unlink()
         return res["rates"], res["logits"]
 
 
-def pip7_worker(job_path: str, out_path: str) -> None:
-    """Child process: RWKV_V7_ON=1 is in the environment before rwkv.model is imported."""
-    assert os.environ.get("RWKV_V7_ON") == "1"
+def pip_worker(job_path: str, out_path: str) -> None:
+    """Child process: the environment (RWKV_V7_ON for RWKV-7) is set before rwkv.model is imported."""
     import torch
 
     job = torch.load(job_path)
     torch.set_num_threads(job["threads"])
     from rwkv.model import RWKV as PipRWKV
 
-    model = PipRWKV(model=job["path"].removesuffix(".pth"), strategy="cpu fp32")
+    # RWKV_x070 takes no `verbose`; the RWKV-4/5/6 class prints its load unless told not to.
+    quiet = {} if os.environ.get("RWKV_V7_ON") == "1" else {"verbose": False}
+    model = PipRWKV(model=job["path"].removesuffix(".pth"), strategy="cpu fp32", **quiet)
     prompt, steps = job["prompt"], job["steps"]
 
     def decode(tokens):
@@ -327,37 +368,62 @@ def print_logit_errors(outputs, tokens: int) -> None:
 
 
 # ----------------------------------------------------------------- measuring
-def bench_shape7(torch, name: str, args, tmp: Path, ceilings: dict | None) -> None:
+def matrix_generation(gen: str):
+    """(model class, config, weight counts (blocks, LoRAs, head), bytes per decoded token, title, WKV backend)
+    of the generations with a matrix state."""
+    if gen == "7":
+        from rwkvkit.models.rwkv7 import RWKV7, RWKV7Config
+        from rwkvkit.ops.wkv7 import resolve_backend
+
+        cfg = RWKV7Config
+        title = lambda c: f"LoRA ranks w/a/v/g {c.d_decay}/{c.d_aaa}/{c.d_mv}/{c.d_gate}"  # noqa: E731
+        return RWKV7, cfg, weight_counts7, decode_bytes7, title, ("WKV-7", resolve_backend("auto"))
+    from rwkvkit.ops.wkv6 import resolve_backend
+
+    if gen == "6":
+        from rwkvkit.models.rwkv6 import RWKV6 as cls, RWKV6Config as cfg
+
+        title = lambda c: f"LoRA ranks token-shift/decay {c.d_mix}/{c.d_decay}"  # noqa: E731
+    else:
+        from rwkvkit.models.rwkv5 import RWKV5 as cls, RWKV5Config as cfg
+
+        title = lambda c: "RWKV-5.2 (per-channel decay, gate)"  # noqa: E731
+    return cls, cfg, weight_counts56, decode_bytes56, title, ("WKV-6", resolve_backend("auto"))
+
+
+def bench_shape_matrix(torch, name: str, args, tmp: Path, ceilings: dict | None) -> None:
+    """RWKV-5.2, -6 or -7 (args.generation): rwkvkit's rows, the `rwkv` package in its own process, ceilings."""
     from rwkvkit import runtime
     from rwkvkit.init import random_state_dict
-    from rwkvkit.models.rwkv7 import RWKV7, RWKV7Config
-    from rwkvkit.ops.wkv7 import resolve_backend
     from rwkvkit.runtime import infer_cpu
 
-    cfg = RWKV7Config(**SHAPES7[name])
+    gen = args.generation
+    cls, config_cls, counts, decode_bytes_of, title, (wkv, backend) = matrix_generation(gen)
+    cfg = config_cls(**SHAPES_BY_GEN[gen][name])
     sd = random_state_dict(cfg, seed=0)
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (args.tokens,), generator=g).tolist()
     steps = torch.randint(0, cfg.vocab_size, (args.decode_tokens,), generator=g).tolist()
 
     runners: dict[str, object] = {}
-    fp32 = RWKV7(cfg)
+    fp32 = cls(cfg)
     fp32.load_state_dict(sd)
     runners["rwkvkit fp32"] = RwkvkitRunner(torch, runtime.accelerate(fp32.eval(), huge_pages=args.huge_pages))
-    add_half_runners(torch, runners, RWKV7, cfg, sd, args)
+    print(f"   rwkvkit fp32: decode {fp32.decode_kernel}")
+    add_half_runners(torch, runners, cls, cfg, sd, args)
     if "int8" not in args.skip:
-        int8 = RWKV7(cfg)
+        int8 = cls(cfg)
         int8.load_state_dict(sd)
         runners["rwkvkit int8"] = RwkvkitRunner(torch, runtime.accelerate(runtime.quantize_int8(int8.eval()), huge_pages=args.huge_pages))
-    pip = Pip7Runner(torch, sd, tmp) if "pip" not in args.skip else None
+    pip = PipChildRunner(torch, sd, tmp, gen) if "pip" not in args.skip else None
     del sd
 
-    blocks, lora, head = weight_counts7(cfg)
-    print(f"\n== RWKV-7 shape {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, head size {cfg.head_size}, vocab {cfg.vocab_size}, "
-          f"LoRA ranks w/a/v/g {cfg.d_decay}/{cfg.d_aaa}/{cfg.d_mv}/{cfg.d_gate}, {cfg.num_params / 1e6:.1f}M parameters; "
+    blocks, lora, head = counts(cfg)
+    print(f"\n== RWKV-{cfg.generation} shape {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, head size {cfg.head_size}, "
+          f"vocab {cfg.vocab_size}, {title(cfg)}, {cfg.num_params / 1e6:.1f}M parameters; "
           f"prompt T={args.tokens}, decode {args.decode_tokens} tokens/run")
-    print(f"   weights read per decoded token: fp32 {decode_bytes7(cfg, False) / 1e6:.0f} MB, int8 {decode_bytes7(cfg, True) / 1e6:.0f} MB; "
-          f"WKV-7 backend for prompts: {resolve_backend('auto')}; "
+    print(f"   weights read per decoded token: fp32 {decode_bytes_of(cfg, False) / 1e6:.0f} MB, int8 {decode_bytes_of(cfg, True) / 1e6:.0f} MB; "
+          f"{wkv} backend for prompts: {backend}; "
           f"fused decoder: {'yes' if infer_cpu.load_extension() is not None else 'NO (plain PyTorch step)'}")
 
     rows: dict[str, dict[str, float]] = {}
@@ -383,7 +449,7 @@ def bench_shape7(torch, name: str, args, tmp: Path, ceilings: dict | None) -> No
         rows["rwkv pkg"], outputs["rwkv pkg"] = pip.run(args, prompt, steps)
         res = rows["rwkv pkg"]
         print(f"   {'rwkv pkg':<14} decode {res['decode']:8.1f}   prompt-all {res['prompt-all']:8.1f}   "
-              f"prompt-last {res['prompt-last']:8.1f} tok/s   (RWKV_x070, cpu fp32, own process)", flush=True)
+              f"prompt-last {res['prompt-last']:8.1f} tok/s   (cpu fp32, own process)", flush=True)
 
     if ceilings is not None:
         # Re-measured right after this shape's runs: the machine's bandwidth moves.
@@ -391,12 +457,12 @@ def bench_shape7(torch, name: str, args, tmp: Path, ceilings: dict | None) -> No
         rate = ceilings["matmul"]
         print(f"   bandwidth for this shape's ceilings: {bw:.1f} GB/s (best of the start and a re-measure now)")
         rows["ceiling fp32"] = {
-            "decode": bw * 1e9 / decode_bytes7(cfg, int8=False),
+            "decode": bw * 1e9 / decode_bytes_of(cfg, int8=False),
             "prompt-all": rate * 1e9 / (2 * (blocks + lora + head)),
             "prompt-last": rate * 1e9 / (2 * (blocks + lora)),
         }
-        rows["ceiling 2-byte"] = {"decode": bw * 1e9 / decode_bytes7(cfg, int8=False, wbytes=2)}
-        rows["ceiling int8"] = {"decode": bw * 1e9 / decode_bytes7(cfg, int8=True)}
+        rows["ceiling 2-byte"] = {"decode": bw * 1e9 / decode_bytes_of(cfg, int8=False, wbytes=2)}
+        rows["ceiling int8"] = {"decode": bw * 1e9 / decode_bytes_of(cfg, int8=True)}
     print_tables(torch, rows, outputs, args)
 
 
@@ -516,8 +582,8 @@ def bench_shape(torch, name: str, args, tmp: Path, ceilings: dict | None) -> Non
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.pip7_worker is not None:
-        return pip7_worker(*args.pip7_worker)
+    if args.pip_worker is not None:
+        return pip_worker(*args.pip_worker)
     # The rwkv package reads these when it is imported.
     os.environ["RWKV_JIT_ON"] = args.pip_jit
     os.environ["RWKV_CUDA_ON"] = "0"
@@ -541,11 +607,11 @@ def main(argv=None) -> None:
         mm = measure_matmul(torch, args.repeats)
         ceilings = {"bandwidth": bw, "matmul": mm}
         print(f"memory bandwidth {bw:.1f} GB/s (best of sum and mv over a 512 MiB tensor); fp32 matmul {mm:.1f} GFLOP/s (2048^3 torch.mm)")
-    table = SHAPES7 if args.generation == "7" else SHAPES
+    table = SHAPES_BY_GEN[args.generation]
     shapes = list(table) if args.shape == "both" else [args.shape]
-    bench = bench_shape7 if args.generation == "7" else bench_shape
-    if args.generation == "7":
-        args.skip = [*args.skip, "hf"]  # transformers has no RWKV-7
+    bench = bench_shape if args.generation == "4" else bench_shape_matrix
+    if args.generation != "4":
+        args.skip = [*args.skip, "hf"]  # transformers' RWKV is RWKV-4 only
     with tempfile.TemporaryDirectory() as tmp:
         for name in shapes:
             bench(torch, name, args, Path(tmp), ceilings)

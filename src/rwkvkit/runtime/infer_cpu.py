@@ -1,6 +1,7 @@
-"""The fused CPU decoder: one C++ call per generated token (``csrc/infer_cpu.cpp``).
+"""The fused CPU decoder: one C++ call per generated token (``csrc/infer_cpu.cpp``,
+RWKV-5/6 in ``csrc/step56.h``).
 
-An RWKV-4 or RWKV-7 model's ``forward`` uses it for T == 1 on the CPU when no gradient
+An RWKV-4, -5 (5.0, 5.1, 5.2), -6 or -7 model's ``forward`` uses it for T == 1 on the CPU when no gradient
 is recorded and the weight matrices are float32, bfloat16, float16 (or int8, see
 :mod:`rwkvkit.runtime.quant`), once :func:`rwkvkit.runtime.accelerate` has
 attached it.
@@ -9,7 +10,7 @@ Half-precision weights (the official bf16 files, as ``rwkvkit.load`` keeps
 them) are read as stored, 2 bytes per weight, and widened to fp32 in
 registers: bf16 by a 16-bit shift, fp16 by vcvtph2ps / F16C, both exact.
 Everything else runs in fp32: the activations, the products' sums, the WKV
-state, LayerNorms; the per-channel vectors, LayerNorm parameters and RWKV-7's
+state, LayerNorms; the per-channel vectors, LayerNorm parameters and RWKV-6/7
 LoRA matrices of a half model are used through fp32 copies the plan makes once
 (exact: every bf16/fp16 value is a float).  So the fused step of a bf16 model
 computes the fp32 model on the bf16 weights, up to fp32 summation order; the
@@ -28,8 +29,8 @@ The C++ side receives raw data pointers; this module is where they are
 checked: every tensor is float32 (int8, bf16 or fp16 for weight matrices), contiguous and
 on the CPU, with the shape the config says.  The table of pointers is cached
 per model and rebuilt whenever a tensor moved (``.to()``, a new Parameter) or a
-precomputed value's source changed in place (``time_decay``); see
-:meth:`DecodePlan.current`.
+precomputed value's source changed in place (``time_decay``, a LoRA matrix
+held transposed); see :meth:`DecodePlan.current`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 
 _log = logging.getLogger(__name__)
 
+# step56.h is #included by infer_cpu.cpp; _cbuild hashes the .h files beside
+# the source into the build folder's name, so a change to it rebuilds.
 _SOURCE = Path(__file__).with_name("csrc") / "infer_cpu.cpp"
 # No -march: the kernels carry their own target attributes and are chosen at
 # run time, so a build cache shared between machines stays correct.  Of
@@ -65,6 +68,13 @@ V7_VECTORS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.x_r", "at
 V7_LINEARS = ("receptance", "key", "value", "output", "w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2",
               "ffn.key", "ffn.value")
 V7_SLOTS = len(V7_VECTORS) + 5 * len(V7_LINEARS)
+# RWKV-5/6: 16 vectors, then 12 linears x 5 slots (the C++ `Slot56` / `Lin56` enums, csrc/step56.h).
+V56_VECTORS = ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "mix_k", "mix_v", "mix_r", "mix_g",
+               "maa_x", "maa_w", "decay", "u", "ln_x.weight", "ln_x.bias", "ffn.mix_k", "ffn.mix_r")
+V56_LINEARS = ("receptance", "key", "value", "gate", "output", "time_maa_w1", "time_maa_w2", "time_decay_w1",
+               "time_decay_w2", "ffn.key", "ffn.receptance", "ffn.value")
+V56_SLOTS = len(V56_VECTORS) + 5 * len(V56_LINEARS)
+GENERATIONS56 = ("5", "5.1", "5.2", "6")
 # Above this batch the matrix-matrix products are large enough for the BLAS
 # (the PyTorch step) to be faster than the fused kernel's row-block products
 # (measured on the 169M shape: even at 64, ahead at 128).
@@ -98,10 +108,11 @@ def load_extension(force_fail: bool = False):
         start = time.perf_counter()
         _log.info("building the fused CPU decoder (first use on this machine)")
         ext = build_extension("rwkvkit_infer_cpu_v4", [str(_SOURCE)], _CFLAGS, "fused C++ decoder")
-        if ext.layer_slots() != LAYER_SLOTS or ext.layer_slots7() != V7_SLOTS:
+        have = (ext.layer_slots(), ext.layer_slots7(), ext.layer_slots56())
+        if have != (LAYER_SLOTS, V7_SLOTS, V56_SLOTS):
             raise RuntimeError(
-                f"table layout mismatch: C++ has {ext.layer_slots()}/{ext.layer_slots7()} slots per layer, "
-                f"Python {LAYER_SLOTS}/{V7_SLOTS}"
+                f"table layout mismatch: C++ has {'/'.join(map(str, have))} slots per layer (RWKV-4/7/5-6), "
+                f"Python {LAYER_SLOTS}/{V7_SLOTS}/{V56_SLOTS}"
             )
         _build_seconds = time.perf_counter() - start
         _ext = ext
@@ -431,6 +442,135 @@ class DecodePlan7(DecodePlan):
         self.versions = tuple(t._version for t in self.derived)
 
 
+class DecodePlan56(DecodePlan7):
+    """RWKV-5.x and RWKV-6's pointer table (C++ ``step56``).
+
+    RWKV-5's decay factor exp(-exp(time_decay)) and bonus u (``time_faaaa``, or
+    exp(``time_first``)) are constant: they are computed here once, in fp32 as
+    the PyTorch step computes them, as per-channel [dim_att] vectors (a per-head
+    value repeated over its N channels); their sources are derived values.
+    RWKV-6's four LoRA matrices are stored [in, out] (``time_maa_w2`` as five
+    [D, C] blocks): the table points at transposed contiguous fp32 copies made
+    here once ([5D, C], [5, C, D], [D_decay, C], [dim_att, D_decay]), watched
+    like RWKV-7's (an in-place change rebuilds the plan)."""
+
+    def __init__(self, model, huge_pages: bool = False):
+        cfg = model.config
+        C, A, H, N, Fd = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size, cfg.dim_ffn
+        v6 = cfg.generation == "6"
+        _install_hooks()
+        self.generation = _registrations
+        self.ok = False
+        watch: list[torch.Tensor] = []
+        derived: list[torch.Tensor] = []
+        keep: list[torch.Tensor] = []
+        kinds: set[int] = set()
+        rows = []
+
+        def vec(t, n: int) -> int | None:
+            if isinstance(t, torch.Tensor):
+                watch.append(t)
+            t = _fp32_vector(t, n, derived)
+            if t is None:
+                return None
+            keep.append(t)
+            return t.data_ptr()
+
+        def per_channel(src, fn) -> int | None:
+            # A per-head (H) or per-channel (H, N) parameter as fn(it) [A] in fp32.
+            if not isinstance(src, torch.Tensor) or src.dtype not in (torch.float32, *_HALF) or src.device.type != "cpu":
+                return None
+            if src.numel() not in (H, A):
+                return None
+            watch.append(src)
+            derived.append(src)
+            t = fn(src.detach().float()).reshape(H, -1).expand(H, N).contiguous().view(-1)
+            keep.append(t)
+            return t.data_ptr()
+
+        def linear(m, shape) -> list[int] | None:
+            entry = _linear_entry(m, keep) if m is not None else None
+            if entry is None or tuple(entry[2:4]) != shape:
+                return None
+            watch.extend(_linear_tensors(m))
+            kinds.add(entry[4])
+            return entry
+
+        def lora(src, flip, shape) -> list[int] | None:
+            # A LoRA matrix as flip(it), fp32 and contiguous, of the given [n, k].
+            if not isinstance(src, torch.Tensor) or src.dtype not in (torch.float32, *_HALF) or src.device.type != "cpu":
+                return None
+            watch.append(src)
+            derived.append(src)
+            try:
+                t = flip(src.detach()).float().contiguous()
+            except RuntimeError:  # a shape flip cannot take: not this model's layout
+                return None
+            if t.dim() != 2 or tuple(t.shape) != shape:
+                return None
+            keep.append(t)
+            return [t.data_ptr(), 0, t.shape[0], t.shape[1], 0]
+
+        for block in model.blocks:
+            att, ffn = block.att, block.ffn
+            ln = [vec(block.ln1.weight, C), vec(block.ln1.bias, C), vec(block.ln2.weight, C), vec(block.ln2.bias, C)]
+            if v6:
+                mixes = [vec(getattr(att, f"time_maa_{c}", None), C) for c in ("k", "v", "r", "g", "x", "w")]
+                decay, u = vec(att.time_decay, A), vec(att.time_faaaa, A)
+                ffn_mix = [vec(ffn.time_maa_k, C), vec(ffn.time_maa_r, C)]
+            else:
+                gated = getattr(att, "has_gate", False)
+                mixes = [vec(getattr(att, f"time_mix_{c}", None), C) for c in ("k", "v", "r")]
+                mixes += [vec(att.time_mix_g, C) if gated else 0, 0, 0]
+                # The decay factor w = exp(-exp(d)) and the bonus, as TimeMix.forward and bonus_u compute them.
+                decay = per_channel(att.time_decay, lambda d: torch.exp(-torch.exp(d)))
+                name = getattr(att, "bonus_name", None)
+                u = per_channel(getattr(att, name, None) if name in ("time_first", "time_faaaa") else None,
+                                torch.exp if name == "time_first" else (lambda t: t))
+                ffn_mix = [vec(ffn.time_mix_k, C), vec(ffn.time_mix_r, C)]
+            row = ln + mixes + [decay, u, vec(att.ln_x.weight, A), vec(att.ln_x.bias, A)] + ffn_mix
+            if any(p is None for p in row):
+                return self._decline(watch, derived)
+            lins = [linear(att.receptance, (A, C)), linear(att.key, (A, C)), linear(att.value, (A, C))]
+            if v6 or gated:
+                lins.append(linear(getattr(att, "gate", None), (A, C)))
+            else:
+                lins.append([0, 0, 0, 0, 0])
+            lins.append(linear(att.output, (C, A)))
+            if v6:
+                w1 = att.time_maa_w1
+                D = w1.shape[-1] // 5 if isinstance(w1, torch.Tensor) and w1.dim() == 2 else 0
+                Dd = att.time_decay_w1.shape[-1] if isinstance(att.time_decay_w1, torch.Tensor) else 0
+                lins += [
+                    lora(w1, lambda t: t.t(), (5 * D, C)) if D and w1.shape[-1] == 5 * D else None,
+                    lora(att.time_maa_w2, lambda t: t.transpose(1, 2).reshape(5 * C, -1), (5 * C, D)),
+                    lora(att.time_decay_w1, lambda t: t.t(), (Dd, C)),
+                    lora(att.time_decay_w2, lambda t: t.t(), (A, Dd)),
+                ]
+            else:
+                lins += [[0, 0, 0, 0, 0]] * 4
+            lins += [linear(ffn.key, (Fd, C)), linear(ffn.receptance, (C, C)), linear(ffn.value, (C, Fd))]
+            if any(e is None for e in lins):
+                return self._decline(watch, derived)
+            rows.append(row + [v for e in lins for v in e])
+        watch += [model.ln_out.weight, model.ln_out.bias] + _linear_tensors(model.head)
+        self._decline(watch, derived)  # records what to watch; ok stays False until the end
+        head = _linear_entry(model.head, keep)
+        lnw, lnb = _fp32_vector(model.ln_out.weight, C, derived), _fp32_vector(model.ln_out.bias, C, derived)
+        self._decline(watch, derived)  # again: the ln_out copies' sources
+        if head is None or tuple(head[2:4]) != (cfg.vocab_size, C) or lnw is None or lnb is None:
+            return
+        keep += [lnw, lnb]
+        self.table = torch.tensor(rows, dtype=torch.int64)  # [L, V56_SLOTS]
+        assert self.table.shape == (cfg.n_layer, V56_SLOTS)
+        self.head = torch.tensor(head, dtype=torch.int64)
+        self.ln_out = (lnw.data_ptr(), lnb.data_ptr())
+        self.keep = keep
+        self.kinds = frozenset(kinds) | {int(head[4])}  # of the big matrices (the LoRAs run as fp32 copies)
+        self.ok = True
+        self.huge_bytes = use_huge_pages((t for t in keep if t.dim() == 2 and t.numel() >= C * C), enabled=huge_pages)
+
+
 def _get(module, dotted: str):
     for part in dotted.split("."):
         module = getattr(module, part, None)
@@ -467,11 +607,22 @@ def _embed_fp32(model, ids: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(e, (e.shape[-1],), ln0.weight.float(), ln0.bias.float(), ln0.eps).contiguous()
 
 
+def _plan_class(generation: str) -> type | None:
+    """The plan (and so the C++ step) that serves a generation; None if none does."""
+    if generation == "4":
+        return DecodePlan
+    if generation == "7":
+        return DecodePlan7
+    return DecodePlan56 if generation in GENERATIONS56 else None
+
+
 def plan_for(model, huge_pages: bool = False) -> DecodePlan | None:
     """The model's cached plan, rebuilt if any watched tensor changed; None if unusable."""
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.current():
-        cls = DecodePlan7 if model.config.generation == "7" else DecodePlan
+        cls = _plan_class(model.config.generation)
+        if cls is None:
+            return None
         plan = cls(model, huge_pages)
         model._decode_plan = plan
     return plan if plan.ok else None
@@ -486,8 +637,8 @@ def step(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool
     """
     from ..state import State
 
-    if model.config.generation == "7":
-        return _step7(model, tokens, state, want_logits, huge_pages)
+    if model.config.generation == "7" or model.config.generation in GENERATIONS56:
+        return _step_matrix(model, tokens, state, want_logits, huge_pages)
     if model.config.generation != "4" or tokens.device.type != "cpu" or tokens.shape[0] > MAX_BATCH:
         return None
     ext = load_extension()
@@ -520,8 +671,8 @@ def step(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool
     return (logits.unsqueeze(1) if logits is not None else None), dst
 
 
-def _step7(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool):
-    """RWKV-7's fused step (C++ ``step7``); None when it cannot run this call."""
+def _step_matrix(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bool):
+    """RWKV-5/6/7's fused step (C++ ``step56`` / ``step7``); None when it cannot run this call."""
     from ..state import MatrixState
 
     if tokens.device.type != "cpu" or tokens.shape[0] > MAX_BATCH:
@@ -538,17 +689,21 @@ def _step7(model, tokens: torch.Tensor, state, want_logits: bool, huge_pages: bo
     x = _embed_fp32(model, tokens[:, 0])  # [B, C], updated in place by the kernel
     src = [t.float().contiguous() for t in (state.att_x, state.att_kv, state.ffn_x)]
     dst = MatrixState(
-        att_x=torch.empty(L, B, C), att_kv=torch.empty(L, B, H, N, N), ffn_x=torch.empty(L, B, C), generation="7"
+        att_x=torch.empty(L, B, C), att_kv=torch.empty(L, B, H, N, N), ffn_x=torch.empty(L, B, C),
+        generation=cfg.generation,
     )
     logits = torch.empty(B, cfg.vocab_size) if want_logits else None
-    ext.step7(
-        plan.table.data_ptr(), L, B, C, H, N, x.data_ptr(),
-        *(t.data_ptr() for t in src),
+    rest = (
+        x.data_ptr(), *(t.data_ptr() for t in src),
         dst.att_x.data_ptr(), dst.att_kv.data_ptr(), dst.ffn_x.data_ptr(),
         plan.ln_out[0], plan.ln_out[1], plan.head.data_ptr(),
         logits.data_ptr() if logits is not None else 0,
         float(cfg.layer_norm_eps), float(cfg.group_norm_eps),
     )
+    if cfg.generation == "7":
+        ext.step7(plan.table.data_ptr(), L, B, C, H, N, *rest)
+    else:
+        ext.step56(plan.table.data_ptr(), int(cfg.generation == "6"), L, B, C, cfg.dim_att, H, N, *rest)
     return (logits.unsqueeze(1) if logits is not None else None), dst
 
 
@@ -575,13 +730,14 @@ def describe(model) -> str:
     if model.device.type != "cpu":
         return f"{torch_step} on {model.device.type}"
     gen = model.config.generation
-    if gen not in ("4", "7"):
-        return f"{torch_step}: the fused CPU decoder serves RWKV-4 and RWKV-7, this is RWKV-{gen}"
+    cls = _plan_class(gen)
+    if cls is None:
+        return f"{torch_step}: the fused CPU decoder serves RWKV-4, -5, -6 and -7, this is RWKV-{gen}"
     ext = load_extension()
     if ext is None:
         return f"{torch_step}: the fused CPU decoder could not be built"
     try:
-        plan = (DecodePlan7 if gen == "7" else DecodePlan)(model)
+        plan = cls(model)
     except Exception as exc:  # a describer must not break loading
         return f"{torch_step}: no decode plan ({type(exc).__name__}: {exc})"
     if not plan.ok:
@@ -607,8 +763,8 @@ def describe_checkpoint(generation: str, dtype: torch.dtype) -> str:
     ``dtype`` (for ``rwkvkit info``, which builds no model)."""
     name = str(dtype).removeprefix("torch.")
     torch_step = f"PyTorch step ({name})"
-    if generation not in ("4", "7"):
-        return f"{torch_step}: the fused CPU decoder serves RWKV-4 and RWKV-7, this is RWKV-{generation}"
+    if _plan_class(generation) is None:
+        return f"{torch_step}: the fused CPU decoder serves RWKV-4, -5, -6 and -7, this is RWKV-{generation}"
     if dtype not in _KINDS or dtype == torch.int8:
         return f"{torch_step}: weights the fused CPU decoder does not take"
     ext = load_extension()

@@ -1,4 +1,4 @@
-// One RNN step (T = 1) of the whole RWKV-4 / RWKV-7 model on the CPU, with
+// One RNN step (T = 1) of the whole RWKV-4 / -5 / -6 / -7 model on the CPU, with
 // fp32, int8, bf16 or fp16 weight matrices (2-byte weights are read as they
 // are stored and widened to fp32 in registers: fp32 accumulation throughout).
 //
@@ -9,7 +9,8 @@
 // single OpenMP region, the matrix-vector products are split by rows over the
 // threads, and the element-wise work (LayerNorm, token-shift mixes, the WKV
 // recurrence of spec 2.4, activations) is fused around them.  The maths is
-// that of rwkvkit/model.py; only the fp32 summation order differs.
+// that of rwkvkit/model.py; only the fp32 summation order differs.  RWKV-5 and
+// RWKV-6 share one step (step56, in step56.h, included after RWKV-7's).
 //
 // Only pybind11 and ATen/Parallel.h are included, not torch/extension.h:
 // tensors arrive as raw pointers (checked on the Python side, infer_cpu.py),
@@ -53,9 +54,14 @@ constexpr int elem_size() {
   return KIND == K_F32 ? 4 : KIND == K_I8 ? 1 : 2;
 }
 
-// Epilogues of a matrix-vector job.  The last three are RWKV-7's LoRA
-// activations; LOGW is its log-decay -exp(-0.5) * sigmoid(bias + y).
-enum Act { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_RELU_SQ = 2, ACT_TANH = 3, ACT_SIGMOID_BIAS = 4, ACT_LOGW = 5 };
+// Epilogues of a matrix-vector job.  TANH, SIGMOID_BIAS and LOGW are RWKV-7's
+// LoRA activations; LOGW is its log-decay -exp(-0.5) * sigmoid(bias + y).
+// SILU (y sigmoid(y)) is RWKV-5/6's gate, DECAY RWKV-6's decay factor
+// exp(-exp(bias + y)).
+enum Act {
+  ACT_NONE = 0, ACT_SIGMOID = 1, ACT_RELU_SQ = 2, ACT_TANH = 3, ACT_SIGMOID_BIAS = 4, ACT_LOGW = 5,
+  ACT_SILU = 6, ACT_DECAY = 7,
+};
 
 constexpr int RB = 8;  // weight rows per scheduled block
 constexpr int KR = 4;  // weight rows per kernel call: each weight is loaded once for all batch rows
@@ -409,7 +415,9 @@ constexpr float DECAY_SCALE = 0.60653065971263342f;
 inline float act7(int act, float v) {
   if (act == ACT_TANH) return std::tanh(v);
   if (act == ACT_SIGMOID_BIAS) return sigmoidf(v);
-  return -DECAY_SCALE * sigmoidf(v);  // ACT_LOGW
+  if (act == ACT_LOGW) return -DECAY_SCALE * sigmoidf(v);
+  if (act == ACT_SILU) return v * sigmoidf(v);
+  return std::exp(-std::exp(v));  // ACT_DECAY
 }
 
 // A matrix-vector job: y[B, n] = act(x[B, k] @ W^T) (int8: times the row scales).
@@ -913,6 +921,9 @@ void step7(int64_t table, int64_t n_layer, int64_t B, int64_t C, int64_t H, int6
 
 int layer_slots7() { return V7_SLOTS; }
 
+// ============================================================ RWKV-5 / RWKV-6
+#include "step56.h"
+
 // y [B, n] = x [B, k] @ W^T (times the row scales for int8): the kernel alone,
 // with the kernel family and bf16 mode now selected,
 // for the int8 linear layers outside the fused step and for tests.
@@ -956,12 +967,14 @@ bool has_bf16_dot() { return cpu_has_bf16_dot(); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rwkvkit: fused RNN step of RWKV-4 and RWKV-7 on the CPU (fp32 / int8 / bf16 / fp16 weights)";
+  m.doc() = "rwkvkit: fused RNN step of RWKV-4, -5, -6 and -7 on the CPU (fp32 / int8 / bf16 / fp16 weights)";
   m.def("step", &step);
   m.def("linear", &linear);
   m.def("layer_slots", &layer_slots);
   m.def("step7", &step7);
   m.def("layer_slots7", &layer_slots7);
+  m.def("step56", &step56);
+  m.def("layer_slots56", &layer_slots56);
   m.def("set_isa", &set_isa);
   m.def("get_isa", &get_isa);
   m.def("set_bf16_dot", &set_bf16_dot);
