@@ -9,6 +9,11 @@ printed before and after: on a shared machine, wall-clock numbers swing with it.
 
     .venv/bin/python benchmarks/bench_wkv6_cpu.py [--threads 2] [--B 1 --H 16 --T 128 512 2048]
     .venv/bin/python benchmarks/bench_wkv6_cpu.py --shapes prompt train --backends torch cpu --stat median --repeats 3
+
+``--train-step`` times instead one forward+backward of a whole RWKV-6 and
+RWKV-5.2 model (the Tiny Shakespeare race's: 4 layers x 256, head size 64,
+byte vocabulary, built as benchmarks/bench_train.py's ``maker("6")`` /
+``maker("5")``) on a [16, 256] batch, with each WKV backend.
 """
 
 from __future__ import annotations
@@ -55,6 +60,39 @@ def timed(fn, args, backward: bool, repeats: int, clock=time.perf_counter, stat:
     return min(times) if stat == "best" else statistics.median(times)
 
 
+def train_step(backends, threads: int, repeats: int, stat: str) -> None:
+    """Forward+backward of the race's RWKV-6 and RWKV-5.2 on a [16, 256] batch, per WKV backend."""
+    import torch.nn.functional as F
+
+    from rwkvkit import models
+    from rwkvkit.init import init_weights
+    from rwkvkit.train import TrainConfig
+    from rwkvkit.train.loop import model_config
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 256), generator=g)
+    y = torch.randint(0, 256, (16, 256), generator=g)
+    print(f"{threads} torch threads; forward+backward of a [16, 256] batch, 4 layers x 256, head size 64; "
+          f"{stat} of {repeats} after a warm-up; wall-clock seconds; load average {_load()}\n")
+    for gen in ("6", "5"):
+        ranks = dict(d_mix=8, d_decay=16) if gen == "6" else {}  # as bench_train.py's maker()
+        m = models.build(model_config(TrainConfig(generation=gen, n_layer=4, n_embd=256, head_size=64, **ranks), 256))
+        init_weights(m, seed=0)
+        times = {b: [] for b in backends}
+        for i in range(repeats + 1):  # backends interleaved, so a change in the machine's load hits all of them
+            for backend in backends:
+                m.wkv_backend = backend
+                m.zero_grad(set_to_none=True)
+                start = time.perf_counter()
+                logits, _ = m(x)
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+                if i > 0:
+                    times[backend].append(time.perf_counter() - start)
+        row = [f"{b} {min(t) if stat == 'best' else statistics.median(t):.3f} s" for b, t in times.items()]
+        print(f"RWKV-{'6' if gen == '6' else '5.2'}: " + ", ".join(row), flush=True)
+    print(f"\nload average after: {_load()}")
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -75,8 +113,11 @@ def main() -> None:
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
                    help="thread: CPU time of this thread (with --threads 1, robust on a loaded machine)")
     p.add_argument("--no-reference", action="store_true", help="same as leaving 'reference' out of --backends")
+    p.add_argument("--train-step", action="store_true", help="time whole RWKV-6 / RWKV-5.2 training steps instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.train_step:
+        return train_step([b for b in args.backends if b != "reference"], args.threads, args.repeats, args.stat)
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     if args.clock == "thread" and args.threads != 1:
         p.error("--clock thread measures one thread: use --threads 1")

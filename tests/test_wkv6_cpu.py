@@ -103,6 +103,36 @@ def test_matches_reference_odd_lengths(ext, T):
     _check(_run(lambda *a: wkv6(*a, backend="cpu"), _cpu32(args)), args)
 
 
+@pytest.mark.parametrize("K", [1, 5, 23])
+def test_other_checkpoint_intervals(ext, monkeypatch, K):
+    """The backward's segments of K tokens: one token each, a ragged last one, exactly T."""
+    monkeypatch.setattr(cpu, "CHECKPOINT_EVERY", K)
+    args = _inputs(2, 23, 2, 16, seed=30 + K)
+    _check(_run(lambda *a: wkv6(*a, backend="cpu"), _cpu32(args)), args)
+
+
+def test_no_checkpoints_without_gradients(ext, monkeypatch):
+    """Inference (no_grad, or nothing requires a gradient) writes no state checkpoints."""
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def forward(self, *a):
+            seen.append(a[-1])
+            return ext.forward(*a)
+
+    monkeypatch.setitem(cpu._builds, False, Spy())
+    args = _cpu32(_inputs(1, 40, 2, 16, seed=40))
+    leaves = [a.clone().requires_grad_(True) for a in args]
+    with torch.no_grad():
+        wkv6(*leaves, backend="cpu")
+    wkv6(*args, backend="cpu")
+    wkv6(*leaves, backend="cpu")
+    assert seen == [0, 0, cpu.CHECKPOINT_EVERY]
+
+
 @pytest.mark.parametrize("N", [8, 16, 64])
 def test_matches_reference_head_sizes(ext, N):
     args = _inputs(2, 45, 2, N, seed=N)

@@ -139,15 +139,16 @@ class _WKV6CPU(torch.autograd.Function):
     """r, k, v contiguous fp32; logw fp32 (a broadcast view is fine); u fp32 [H, N]; s0 fp32 or None."""
 
     @staticmethod
-    def forward(ctx, r, k, v, logw, u, s0):
+    def forward(ctx, r, k, v, logw, u, s0, K):
+        # K: checkpoint interval, 0 when no gradient is wanted (the caller
+        # knows: inside forward, grad mode is off and needs_input_grad
+        # reflects requires_grad even under torch.no_grad()).
         ext = _builds[False]
         w = _decay(logw)
-        grad = any(ctx.needs_input_grad)
-        K = CHECKPOINT_EVERY if grad else 0
         y, sT, ckpt = ext.forward(r, k, v, w, u, s0, K)
-        if grad:
+        if K:
             ctx.save_for_backward(r, k, v, w, u, ckpt)
-            ctx.has_s0 = s0 is not None
+            ctx.has_s0, ctx.K = s0 is not None, K
         return y, sT
 
     @staticmethod
@@ -156,11 +157,11 @@ class _WKV6CPU(torch.autograd.Function):
         r, k, v, w, u, ckpt = ctx.saved_tensors
         ext = _builds[False]
         dr, dk, dv, dlw, du, ds0 = ext.backward(
-            r, k, v, w, u, ckpt, gy.float().contiguous(), gsT.float().contiguous(), CHECKPOINT_EVERY, ctx.has_s0
+            r, k, v, w, u, ckpt, gy.float().contiguous(), gsT.float().contiguous(), ctx.K, ctx.has_s0
         )
         # dlw is per token: where logw was an expanded view, autograd's
         # ExpandBackward sums it over the broadcast dimensions.
-        return dr, dk, dv, dlw, du.sum(0), ds0 if ctx.has_s0 else None
+        return dr, dk, dv, dlw, du.sum(0), ds0 if ctx.has_s0 else None, None
 
 
 def wkv6_cpu(
@@ -196,7 +197,8 @@ def wkv6_cpu(
         logw = _unbroadcast(logw).to(f32).expand(B, T, H, N)
     u = u.to(f32).contiguous()
     s0 = None if state is None else state.to(f32).contiguous()
-    return _WKV6CPU.apply(r, k, v, logw, u, s0)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (r, k, v, logw, u, s0))
+    return _WKV6CPU.apply(r, k, v, logw, u, s0, CHECKPOINT_EVERY if grad else 0)
 
 
 def get_implementation(force_fail: bool = False):
