@@ -18,7 +18,7 @@ two physical ceilings measured in the same process:
   memory bandwidth  GB/s of reading a 512 MiB tensor (best of torch sum and torch mv); decode ceiling = GB/s /
                     bytes of weights read per token (every matrix once, plus
                     one embedding row): rows "ceiling fp32", "ceiling 2-byte"
-                    (bf16/fp16 matrices; RWKV-6/7 LoRAs stay fp32) and "ceiling int8"
+                    (bf16/fp16 matrices, LoRAs included) and "ceiling int8"
   matmul rate       GFLOP/s of a large fp32 torch.mm; prompt ceiling = rate /
                     FLOPs per token (2 per weight of the blocks, plus the head
                     for prompt-all)
@@ -163,13 +163,14 @@ def weight_counts7(cfg) -> tuple[int, int, int]:
 def decode_bytes7(cfg, int8: bool, wbytes: int | None = None) -> int:
     """RWKV-7 bytes per decoded token: the matrices (projections and head int8
     with one fp32 scale per row under int8, or ``wbytes`` bytes per weight; the
-    LoRAs stay fp32), one embedding row, the per-channel vectors and the state
+    LoRAs are 2 bytes a weight in a half model, else fp32: int8 quantises only
+    the projections), one embedding row, the per-channel vectors and the state
     (read and written)."""
     blocks, lora, head = weight_counts7(cfg)
     C, L = cfg.n_embd, cfg.n_layer
     rows = L * (5 * C + cfg.dim_ffn) + cfg.vocab_size
     wb = wbytes or (1 if int8 else 4)
-    matrices = (blocks + head) * wb + (rows * 4 if int8 else 0) + lora * 4
+    matrices = (blocks + head) * wb + (rows * 4 if int8 else 0) + lora * (2 if wbytes == 2 else 4)
     vectors = (L * 19 * C + 2 * C) * 4
     return matrices + C * 4 + vectors + 2 * cfg.state_bytes_per_sequence
 
@@ -183,15 +184,16 @@ def weight_counts56(cfg) -> tuple[int, int, int]:
 
 
 def decode_bytes56(cfg, int8: bool, wbytes: int | None = None) -> int:
-    """RWKV-5.x / 6 bytes per decoded token, as decode_bytes7 counts them (the
-    LoRAs stay fp32): matrices, int8 row scales, one embedding row, the
-    per-channel vectors and the state (read and written)."""
+    """RWKV-5.x / 6 bytes per decoded token, as decode_bytes7 counts them:
+    matrices (RWKV-6's LoRAs 2 bytes a weight in a half model, else fp32),
+    int8 row scales, one embedding row, the per-channel vectors and the state
+    (read and written)."""
     blocks, lora, head = weight_counts56(cfg)
     C, A, L = cfg.n_embd, cfg.dim_att, cfg.n_layer
     n_proj = 4 if cfg.generation == "6" or cfg.gate else 3
     rows = L * (n_proj * A + C + cfg.dim_ffn + 2 * C) + cfg.vocab_size
     wb = wbytes or (1 if int8 else 4)
-    matrices = (blocks + head) * wb + (rows * 4 if int8 else 0) + lora * 4
+    matrices = (blocks + head) * wb + (rows * 4 if int8 else 0) + lora * (2 if wbytes == 2 else 4)
     vectors = (L * (12 * C + 4 * A) + 2 * C) * 4
     return matrices + C * 4 + vectors + 2 * cfg.state_bytes_per_sequence
 

@@ -355,3 +355,37 @@ def test_describe_and_layout(ext, monkeypatch):
         assert _model(cfg, int8=True).decode_kernel.startswith("fused C++ step: int8 weights"), name
     for gen in ("5", "6"):
         assert infer_cpu.describe_checkpoint(gen, torch.bfloat16).startswith("fused C++ step: bf16 weights")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_lora_copies_keep_the_models_dtype(ext, dtype, monkeypatch):
+    """RWKV-6 and RWKV-7 LoRAs are read in the model's dtype (2 bytes a weight
+    in a half model), fp32 in an fp32 or int8 model; whether that computes the
+    right thing is the half tests' job (above, and tests/test_half_decode.py)."""
+    from rwkvkit.models.rwkv7 import RWKV7, RWKV7Config
+
+    monkeypatch.setattr(infer_cpu, "HALF_SCALAR", True)
+    cfg7 = RWKV7Config(n_layer=2, n_embd=40, vocab_size=61, head_size=8, d_decay=12, d_aaa=8, d_mv=6, d_gate=10)
+    m7 = RWKV7(cfg7)
+    m7.load_state_dict(random_state_dict(cfg7, seed=0))
+    m7 = runtime.accelerate(m7.eval().to(dtype))
+    cases = [(m7, infer_cpu.V7_VECTORS, infer_cpu.V7_LINEARS, ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")),
+             (_model(CONFIGS["6-3x40-h8"], dtype=dtype), infer_cpu.V56_VECTORS, infer_cpu.V56_LINEARS,
+              ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"))]
+    for model, vectors, linears, loras in cases:
+        plan = infer_cpu.plan_for(model)
+        assert plan is not None
+        for name in loras:
+            j = len(vectors) + 5 * linears.index(name)
+            ptrs, kinds = plan.table[:, j].tolist(), plan.table[:, j + 4].tolist()
+            # RWKV-7's layer 0 has no value-residual LoRA (null entry).
+            assert all(k == KIND_CODES[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]]
+                       for p, k in zip(ptrs, kinds) if p), (name, kinds)
+            copies = [t for t in plan.keep if t.data_ptr() in ptrs]
+            assert copies and all(t.dtype == dtype and t.is_contiguous() for t in copies), name
+    # int8 quantises only the projections: the LoRAs stay fp32 there.
+    if dtype == torch.float32:
+        m = _model(CONFIGS["6-3x40-h8"], int8=True)
+        plan = infer_cpu.plan_for(m)
+        j = len(infer_cpu.V56_VECTORS) + 5 * infer_cpu.V56_LINEARS.index("time_maa_w1")
+        assert set(plan.table[:, j + 4].tolist()) == {0} and plan.kinds == {1}

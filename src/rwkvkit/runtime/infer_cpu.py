@@ -10,9 +10,11 @@ Half-precision weights (the official bf16 files, as ``rwkvkit.load`` keeps
 them) are read as stored, 2 bytes per weight, and widened to fp32 in
 registers: bf16 by a 16-bit shift, fp16 by vcvtph2ps / F16C, both exact.
 Everything else runs in fp32: the activations, the products' sums, the WKV
-state, LayerNorms; the per-channel vectors, LayerNorm parameters and RWKV-6/7
-LoRA matrices of a half model are used through fp32 copies the plan makes once
-(exact: every bf16/fp16 value is a float).  So the fused step of a bf16 model
+state, LayerNorms; the per-channel vectors and LayerNorm parameters of a half
+model are used through fp32 copies the plan makes once (exact: every bf16/fp16
+value is a float), and its RWKV-6/7 LoRA matrices through transposed copies
+kept in their half dtype (read and widened like the big matrices: 2 bytes a
+weight, ~12% of a half RWKV-7 0.4B's bytes per token if they were fp32).  So the fused step of a bf16 model
 computes the fp32 model on the bf16 weights, up to fp32 summation order; the
 model's own PyTorch step in bf16 rounds every activation to bf16 as well, and
 is less accurate (tests/test_half_decode.py states both errors).  AVX512-BF16
@@ -352,7 +354,7 @@ def use_huge_pages(tensors, enabled: bool = True) -> int:
 class DecodePlan7(DecodePlan):
     """RWKV-7's pointer table.  The LoRA matrices are stored [in, out] and used
     as ``x @ w1``; the table points at transposed contiguous copies ([out, in],
-    made here once), so the C++ side runs every product with the same
+    in the LoRA's own dtype, see _lora_copy; made here once), so the C++ side runs every product with the same
     row-major kernels.  Those copies are derived values: an in-place change to
     a LoRA matrix (its ``_version``) rebuilds the plan, as does a moved tensor."""
 
@@ -392,9 +394,9 @@ class DecodePlan7(DecodePlan):
                         return self._decline(watch, derived)
                     watch.append(src)
                     derived.append(src)
-                    t = src.detach().float().t().contiguous()  # [out, in], fp32 (LoRAs are small)
+                    t = _lora_copy(src, lambda m: m.t())  # [out, in], in the source's dtype
                     keep.append(t)
-                    entry = [t.data_ptr(), 0, t.shape[0], t.shape[1], 0]
+                    entry = [t.data_ptr(), 0, t.shape[0], t.shape[1], _KINDS[t.dtype]]
                     want_in = C if name.endswith("1") else None
                     if want_in is not None and t.shape[1] != C or name.endswith("2") and t.shape[0] != C:
                         return self._decline(watch, derived)
@@ -427,10 +429,12 @@ class DecodePlan7(DecodePlan):
         self.head = torch.tensor(head, dtype=torch.int64)
         self.ln_out = (lnw.data_ptr(), lnb.data_ptr())
         self.keep = keep
-        # Kinds of the big matrices (the LoRAs always run as fp32 copies).
+        # Kinds of the big matrices, and the LoRAs' where half (they follow the
+        # source's dtype; fp32 LoRAs beside int8 projections are not named).
         lin = [V7_LINEARS.index(n) for n in ("receptance", "key", "value", "output", "ffn.key", "ffn.value")]
         cols = [len(V7_VECTORS) + 5 * j + 4 for j in lin]
         self.kinds = frozenset(int(k) for k in self.table[:, cols].flatten().tolist()) | {int(head[4])}
+        self.kinds |= frozenset(_KINDS[t.dtype] for t in keep if t.dtype in _HALF and t.dim() == 2)
         self.ok = True
         self.huge_bytes = use_huge_pages((t for t in keep if t.dim() == 2 and t.numel() >= C * C), enabled=huge_pages)
 
@@ -451,8 +455,9 @@ class DecodePlan56(DecodePlan7):
     value repeated over its N channels); their sources are derived values.
     RWKV-6's four LoRA matrices are stored [in, out] (``time_maa_w2`` as five
     [D, C] blocks): the table points at transposed contiguous fp32 copies made
-    here once ([5D, C], [5, C, D], [D_decay, C], [dim_att, D_decay]), watched
-    like RWKV-7's (an in-place change rebuilds the plan)."""
+    here once ([5D, C], [5, C, D], [D_decay, C], [dim_att, D_decay]; fp32, or
+    the half dtype of a half model, see _lora_copy), watched like RWKV-7's (an
+    in-place change rebuilds the plan)."""
 
     def __init__(self, model, huge_pages: bool = False):
         cfg = model.config
@@ -497,19 +502,17 @@ class DecodePlan56(DecodePlan7):
             return entry
 
         def lora(src, flip, shape) -> list[int] | None:
-            # A LoRA matrix as flip(it), fp32 and contiguous, of the given [n, k].
-            if not isinstance(src, torch.Tensor) or src.dtype not in (torch.float32, *_HALF) or src.device.type != "cpu":
-                return None
-            watch.append(src)
-            derived.append(src)
-            try:
-                t = flip(src.detach()).float().contiguous()
-            except RuntimeError:  # a shape flip cannot take: not this model's layout
-                return None
-            if t.dim() != 2 or tuple(t.shape) != shape:
+            # A LoRA matrix as flip(it) (see _lora_copy) of the given [n, k].
+            if isinstance(src, torch.Tensor):
+                watch.append(src)
+                derived.append(src)
+            t = _lora_copy(src, flip)
+            if t is None or tuple(t.shape) != shape:
                 return None
             keep.append(t)
-            return [t.data_ptr(), 0, t.shape[0], t.shape[1], 0]
+            if t.dtype in _HALF:  # (fp32 LoRAs beside int8 projections are not named in the kinds)
+                kinds.add(_KINDS[t.dtype])
+            return [t.data_ptr(), 0, t.shape[0], t.shape[1], _KINDS[t.dtype]]
 
         for block in model.blocks:
             att, ffn = block.att, block.ffn
@@ -566,7 +569,7 @@ class DecodePlan56(DecodePlan7):
         self.head = torch.tensor(head, dtype=torch.int64)
         self.ln_out = (lnw.data_ptr(), lnb.data_ptr())
         self.keep = keep
-        self.kinds = frozenset(kinds) | {int(head[4])}  # of the big matrices (the LoRAs run as fp32 copies)
+        self.kinds = frozenset(kinds) | {int(head[4])}  # of the big matrices, and the LoRAs' where half
         self.ok = True
         self.huge_bytes = use_huge_pages((t for t in keep if t.dim() == 2 and t.numel() >= C * C), enabled=huge_pages)
 
@@ -594,6 +597,20 @@ def _fp32_vector(t, n: int, derived: list) -> torch.Tensor | None:
         return None
     derived.append(t)
     return t.detach().float().contiguous().view(-1)
+
+
+def _lora_copy(src, flip) -> torch.Tensor | None:
+    """A LoRA matrix as the kernels read it: ``flip(src)`` ([out, in], from the
+    stored [in, out]) as a contiguous copy in the source's dtype (fp32 stays
+    fp32; bf16/fp16 stay 2 bytes a weight, widened exactly by the kernels like
+    the big matrices); None if unusable.  The caller watches ``src`` as a derived value."""
+    if not isinstance(src, torch.Tensor) or src.dtype not in (torch.float32, *_HALF) or src.device.type != "cpu":
+        return None
+    try:
+        t = flip(src.detach()).contiguous()
+    except RuntimeError:  # a shape the flip cannot take: not this model's layout
+        return None
+    return t if t.dim() == 2 else None
 
 
 def _embed_fp32(model, ids: torch.Tensor) -> torch.Tensor:
