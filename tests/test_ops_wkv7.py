@@ -272,7 +272,9 @@ def test_state_not_modified_and_zero_state_default():
 
 
 def test_backends():
-    assert W.resolve_backend("auto") == "torch"
+    from rwkvkit.ops.wkv7 import cpu  # "auto" on the CPU: the C++ kernel where it builds (tests/test_wkv7_cpu.py)
+
+    assert W.resolve_backend("auto") == ("cpu" if cpu.load_extension() is not None else "torch")
     assert W.resolve_backend("reference") == "reference"
     with pytest.raises(ValueError, match="unknown WKV7 backend"):
         W.resolve_backend("nope")

@@ -4,6 +4,7 @@ several odd sizes (layers, width, heads, LoRA ranks, vocabulary)."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,12 @@ ATOL = 1e-5
 @pytest.mark.parametrize("name", [*CONFIGS, "bf16"])
 def test_logits_match_rwkv_package(pip_results, name):
     model, res = pip_results[name]
+    # Pinned to the chunked WKV, with which this 1e-5 was measured: the C++
+    # kernel ("auto" on the CPU) is as close to float64 over many random models
+    # but rounds differently, 1.4e-5 from the package on 3x64-h16 (a float64
+    # WKV inside the float32 model is 1.1e-5 from it on 5x40-h8-no-l0v).
+    model = copy.copy(model)  # the same weights; the fixture's model keeps "auto"
+    model.wkv_backend = "torch"
     with torch.no_grad():
         for seq, ref in zip(SEQS, res):
             tokens = torch.tensor([seq])
