@@ -4,8 +4,9 @@ The fused step (rwkvkit.runtime.infer_cpu) reads a bf16 or fp16 matrix as
 stored, 2 bytes per weight, and widens each weight to fp32 in registers (bf16:
 a 16-bit shift; fp16: vcvtph2ps / F16C, or a software conversion in the scalar
 kernel), exactly: every bf16 and fp16 value is a float.  Activations, sums, the
-WKV state and the LayerNorms stay fp32; the per-channel vectors, LayerNorm
-parameters and RWKV-7 LoRAs of a half model are used through exact fp32 copies.
+WKV state and the LayerNorms stay fp32; the per-channel vectors and LayerNorm
+parameters of a half model are used through exact fp32 copies, its RWKV-6/7
+LoRA matrices as transposed copies in the model's dtype (widened like the rest).
 
 Accuracy, derived and checked here:
 
@@ -21,8 +22,9 @@ Accuracy, derived and checked here:
    up to fp32 summation order: it must agree with that fp32 model's PyTorch
    step within the tolerances the fp32 fused step meets (RWKV-4 1e-5 on logits,
    RWKV-7 2e-4; derivations in test_speed_paths.py / test_rwkv7_speed_paths.py).
-   The AVX512-BF16 mode is measured at ~1e-2 there (bound below: 5e-2), which is
-   why the exact widening is the default: decoding is bound by memory
+   The AVX512-BF16 mode is measured at ~1e-2 there (it must be no further from
+   the fp32 model than PyTorch's own bf16 step, which rounds activations at
+   every op), which is why the exact widening is the default: decoding is bound by memory
    bandwidth, and the dot-product form was no faster within the noise here
    (one thread, 169M shape: 52 vs 49 tok/s, fp32 28).
 3. Against the original weights (test_greedy_agreement_with_fp32): rounding
@@ -182,11 +184,20 @@ def _state_fields(state):
     return state.tensors() if hasattr(state, "att_aa") else (state.att_x, state.att_kv, state.ffn_x)
 
 
-def _check_pair(half, ref, tokens_first, steps, tol):
+def _check_pair(half, ref, tokens_first, steps, tol, dot=False):
     tokens, got, sg = _greedy(half, tokens_first, steps)
     assert half._decode_plan is not None and half._decode_plan.ok, "the fused half-precision step did not run"
     want, sw = _replay(ref, tokens, "torch")
     diff = (got - want).abs().max().item()
+    if dot:
+        # The AVX512-BF16 mode rounds every product's activations to bf16
+        # (relative 2^-9), which the network then amplifies like any rounding
+        # of its activations; no a-priori bound is tight, so it is held to the
+        # standard that rounds them at every op: PyTorch's own bf16 step on the
+        # same tokens.  It must be at least as close to the fp32 model (it
+        # rounds only the products' inputs).
+        torch_half, _ = _replay(half, tokens, "torch")
+        tol = max(tol, (torch_half - want).abs().max().item())
     assert diff <= tol, f"logits differ by {diff:.3g} (tolerance {tol:g})"
     for a, b in zip(_state_fields(sg), _state_fields(sw)):
         assert a.dtype == torch.float32
@@ -201,14 +212,12 @@ def test_half_model_equals_fp32_model_on_the_same_weights(isa_mode, dtype, gen):
     dot = isa_mode.endswith("-dot") and dtype == torch.bfloat16
     if gen == "4":
         half, ref = _rwkv4_pair(CFG4, dtype, seed=3)
-        tol = 5e-2 if dot else TOL4
         for B in (1, 6):
-            _check_pair(half, ref, _tokens(CFG4.vocab_size, B, 1, seed=B), 40, tol)
+            _check_pair(half, ref, _tokens(CFG4.vocab_size, B, 1, seed=B), 40, TOL4, dot)
     else:
         half, ref = _rwkv7_pair(CFG7, dtype, seed=3)
-        tol = 5e-2 if dot else TOL7
         for B in (1, 3):
-            _check_pair(half, ref, _tokens(CFG7.vocab_size, B, 1, seed=B), 40, tol)
+            _check_pair(half, ref, _tokens(CFG7.vocab_size, B, 1, seed=B), 40, TOL7, dot)
 
 
 @pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
