@@ -21,8 +21,8 @@ Backends:
   autograd backward.
 - ``"cpu"``: :mod:`.cpu`, the compiled C++ scans (forward and backward,
   SIMD chosen at run time), built lazily; where the build fails, one warning
-  and ``"torch"``.  Measured 5-20x faster than ``"torch"`` on the CPU for
-  prompts and for training (NOTES.md, "CPU kernel").
+  and ``"torch"``.  Measured 6-9x faster than ``"torch"`` for prompts and
+  for training batches, forward and backward (NOTES.md, "CPU kernel").
 - ``"cuda"``: :mod:`.cuda`, the CUDA kernels (forward, backward, decode
   step), built lazily with nvcc; where the build fails, one warning and
   ``"torch"``.
