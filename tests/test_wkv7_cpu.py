@@ -73,10 +73,9 @@ def _check_against_spec(B, T, H, N, seed, decay="model", state=True, factor=1.0)
     assert_float32_close(grad_c, grad_r, names, T, factor)
 
 
-# (B, T, H, N): every length asked for (1, 2, 17, 100, 700), head sizes 8, 16,
-# 64 and 13 (odd: the backward's last row alone; padded lanes on every
-# family), 40 and 100 (not a power-of-two number of vectors: padded to 48/64
-# and 128 channels).
+# (B, T, H, N): the lengths 1, 2, 17, 100 (700 below), head sizes 8, 16, 64,
+# and 13 (odd: the backward's last row alone; padded to 16 lanes on every
+# family), 40 and 100 (padded to 64 and 128 lanes: other template widths).
 CASES = [
     (2, 1, 2, 8),
     (1, 2, 3, 16),
