@@ -28,9 +28,9 @@ Backends:
   lazily through :mod:`rwkvkit._cbuild`; where the build fails, one warning
   and ``"torch"``.
 - ``"auto"``: ``"cuda"`` for CUDA tensors (when it builds), ``"cpu"`` for CPU
-  tensors (when it builds; measured 5-50x faster than ``"torch"`` forward and
-  forward+backward at prompt and training shapes, ``wkv6/NOTES.md``), else
-  ``"torch"``.
+  tensors (when it builds; measured 5-9x faster than ``"torch"`` forward and
+  forward+backward at a prompt and a training shape, 2 threads, ``NOTES.md``),
+  else ``"torch"``.
 
 :func:`wkv6_step` on CUDA tensors with no gradient wanted runs the kernel's
 one-token launch instead of the handful of PyTorch ops.
