@@ -81,7 +81,7 @@ class TrainConfig:
     precision: str = _f("auto", "fp32, or bf16 autocast; auto = bf16 on CUDA GPUs that support it, fp32 on CPU", group="speed", choices=("auto", "fp32", "bf16"))
     grad_checkpoint: bool = _f(False, "recompute time-mix and channel-mix activations in the backward pass (less memory, about a third more compute)", group="speed")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)", group="speed")
-    wkv_backend: str = _f("auto", "WKV implementation: auto, cpu, torch, cuda, reference (RWKV-5/6/7: auto, torch, reference)", group="speed", metavar="NAME")
+    wkv_backend: str = _f("auto", "WKV implementation: auto, cpu, torch, cuda, reference (every generation; auto picks the fastest here)", group="speed", metavar="NAME")
     parallel: str = _f("ddp", "under torchrun: ddp (every process holds all weights) or fsdp (weights, gradients and optimiser state sharded over the processes, for models that do not fit one device; full training only)", group="speed", choices=("ddp", "fsdp"))
     # ----------------------------------------------------------------- schedule
     seed: int = _f(0, "seed of the initial weights and of the data order", group="run")
