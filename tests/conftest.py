@@ -36,6 +36,28 @@ os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 
 
+# The C++ extensions the tests load, each built by its own lazy loader.  A
+# fresh checkout compiles all of them (a minute or more in total); started in
+# the background at session start they compile on the second core while the
+# first tests run, and a test that needs one waits for it on torch's build lock.
+_PREBUILD = (
+    "import rwkvkit.runtime.infer_cpu as m; m.load_extension()",
+    "import rwkvkit.ops.cpu as m; m.get_implementation(); "
+    "import rwkvkit.ops.wkv7.cpu as m; m.load_extension(); "
+    "import rwkvkit.ops.wkv6.cpu as m; m.load_extension()",
+)
+
+
+def pytest_sessionstart(session):
+    if os.environ.get("RWKVKIT_TEST_PREBUILD", "1") == "0":
+        return
+    import subprocess
+    import sys
+
+    for code in _PREBUILD:
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def skip_or_fail(msg: str) -> None:
     """Skip the test for something missing here; fail instead in CI."""
     if IN_CI:

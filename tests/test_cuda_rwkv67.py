@@ -53,7 +53,8 @@ def test_no_gpu_never_builds(fresh, monkeypatch, mod, ops):
         assert mod.get_implementation() is None
         assert ops.resolve_backend("auto", torch.device("cuda")) == "torch"
         assert ops.resolve_backend("cuda", torch.device("cuda")) == "torch"
-        assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+        # On CPU tensors "auto" is the compiled CPU kernel (or "torch"), never CUDA.
+        assert ops.resolve_backend("auto", torch.device("cpu")) in ("cpu", "torch")
 
 
 @pytest.mark.parametrize("mod,ops", MODULES)

@@ -280,8 +280,8 @@ def test_lora_trains_adapters_and_merges(gen, corpus, tmp_path):
 
 
 # ============================================================== two processes
-# DDP itself is covered for RWKV-4 and -7 by default; v6 DDP runs under -m slow.
-@pytest.mark.parametrize("gen,parallel", [pytest.param("6", "ddp", marks=pytest.mark.slow), ("6", "fsdp"), ("5", "fsdp")])
+# DDP itself is covered for RWKV-4 and -7 by default; v6 DDP and v5 FSDP run under -m slow.
+@pytest.mark.parametrize("gen,parallel", [pytest.param("6", "ddp", marks=pytest.mark.slow), ("6", "fsdp"), pytest.param("5", "fsdp", marks=pytest.mark.slow)])
 def test_two_gloo_processes_equal_one(gen, parallel, corpus, tmp_path):
     """DDP / FSDP on 2 gloo processes (FSDP shards each block's att and ffn):
     the first step equals one process up to the order of the gradient sums;
