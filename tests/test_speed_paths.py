@@ -128,6 +128,44 @@ def test_every_kernel_family(ext, isa):
         ext.set_isa(DEFAULT_ISA)
 
 
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=["scalar", "avx2", "avx512"])
+def test_row_streams_cover_every_row(ext, isa):
+    """The matrix-vector schedule (each thread's stretch of rows read as 8
+    interleaved streams, the rows left over one by one, batch tiles of 4)
+    writes every output exactly once and right: row counts below, at and
+    between multiples of the stream count, 1-3 threads, batches across the
+    tile, every weight format, outputs pre-filled with NaN."""
+    if ext.set_isa(isa) != isa:
+        ext.set_isa(DEFAULT_ISA)
+        pytest.skip(f"this CPU does not support kernel family {isa}")
+    threads = torch.get_num_threads()
+    g = torch.Generator().manual_seed(7)
+    kinds = {0: torch.float32, 1: torch.int8, 2: torch.bfloat16, 3: torch.float16}
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            for n, k in ((1, 5), (7, 33), (8, 16), (9, 64), (17 * 8 + 5, 40), (300, 19), (0, 8)):
+                for kind, dtype in kinds.items():
+                    w = torch.randn(n, k, generator=g)
+                    if kind == 1:
+                        w = (w * 40).round().clamp(-127, 127).to(torch.int8)
+                        scale = torch.rand(n, generator=g) + 0.5
+                    else:
+                        w = w.to(dtype)
+                        scale = torch.ones(n)
+                    exact = w.double() * scale.double()[:, None]
+                    for B in (1, 3, 5, 9):
+                        x = torch.randn(B, k, generator=g)
+                        y = torch.full((B, n), float("nan"))
+                        ext.linear(w.data_ptr(), scale.data_ptr(), n, k, kind, x.data_ptr(), B, y.data_ptr())
+                        assert not y.isnan().any(), f"rows left unwritten: n={n} k={k} kind={kind} B={B} threads={nt}"
+                        if n:
+                            assert_matmul_close(y, x, exact)
+    finally:
+        torch.set_num_threads(threads)
+        ext.set_isa(DEFAULT_ISA)
+
+
 @pytest.mark.parametrize("rescale", [0, 2])
 @pytest.mark.parametrize("fold", [None, "bfloat16"])
 def test_switches_rescale_and_ln0_fold(ext, rescale, fold):

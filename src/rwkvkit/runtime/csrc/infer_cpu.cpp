@@ -63,13 +63,42 @@ enum Act {
   ACT_SILU = 6, ACT_DECAY = 7,
 };
 
-constexpr int RB = 8;  // weight rows per scheduled block
-constexpr int KR = 4;  // weight rows per kernel call: each weight is loaded once for all batch rows
-constexpr int BT = 4;  // batch rows per pass over a block (accumulators: KR * BT registers)
+// How the weights are read.  One core reaches the memory bandwidth only with
+// several long linear streams in flight: reading 512 MiB here, one stream per
+// thread ran at 0.83 of torch.mv's rate, four at 0.97, sixteen at 1.0.  Rows
+// of a decode-sized matrix are short (3 KB for an fp32 row of 768, 768 bytes
+// in int8), so KR consecutive rows per kernel call are KR short streams that
+// the hardware prefetchers keep losing.  Instead run_jobs gives each thread
+// one contiguous stretch of each matrix and reads it as KR streams starting
+// at the stretch's KR-th points: kernel call m takes rows m, m + S, m + 2 S,
+// ... (S = stretch / KR), so every stream moves forward linearly one row per
+// call, with a software prefetch PF_DIST bytes ahead in each.  Against
+// KR = 4 consecutive rows per call with one linear prefetch of the next four
+// (the previous scheme), paired runs on the RWKV-7 0.1B shape decoded 1.22x
+// (fp32), 1.33x (bf16) and 1.28x (int8) faster, RWKV-6 24x1024 1.26x, 1.34x,
+// 1.32x.  The macros are build-time knobs for
+// benchmarks/bench_decode_kernels.py, which measured these choices.
+#ifndef RK_KR
+#define RK_KR 8
+#endif
+#ifndef RK_CH
+#define RK_CH 16
+#endif
+#ifndef RK_PF_DIST
+#define RK_PF_DIST 512
+#endif
+#ifndef RK_PF_HINT
+#define RK_PF_HINT _MM_HINT_T0
+#endif
+constexpr int KR = RK_KR;  // row streams per thread and matrix: rows per kernel call
+constexpr int64_t CH = RK_CH;  // rows each stream advances per pass over the batch tiles
+constexpr int64_t PF_DIST = RK_PF_DIST;  // bytes ahead in each row stream
+constexpr int BT = 4;  // batch rows per kernel call (its accumulators: rows x batch rows registers)
 constexpr int64_t WKV_CHUNK = 128;  // channels per task of the element-wise WKV step
 
-// out[r * BT + b] = dot(W row r, x row b) for r < nr, b < nb.
-using BlockFn = void (*)(const Lin&, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out);
+// out[r * BT + b] = dot(W row (row0 + r * rs), x row b) for r < nr, b < nb.
+using BlockFn = void (*)(const Lin&, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb,
+                         float* out);
 
 // ---------------------------------------------------------------- scalar
 // Exact conversions of the 2-byte formats to fp32 (every bf16 and fp16 value,
@@ -105,11 +134,11 @@ inline float weight_at(const void* W, int64_t j) {
 }
 
 template <int KIND>
-void block_scalar_t(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+void block_scalar_t(const Lin& L, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb, float* out) {
   for (int r = 0; r < nr; ++r) {
     for (int b = 0; b < nb; ++b) {
       const float* xb = x + b * ldx;
-      const int64_t base = (row0 + r) * L.k;
+      const int64_t base = (row0 + r * rs) * L.k;
       float s = 0.f;
       for (int64_t i = 0; i < L.k; ++i) s += weight_at<KIND>(L.w, base + i) * xb[i];
       out[r * BT + b] = s;
@@ -117,12 +146,12 @@ void block_scalar_t(const Lin& L, int64_t row0, int nr, const float* x, int64_t 
   }
 }
 
-void block_scalar(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+void block_scalar(const Lin& L, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb, float* out) {
   switch (L.kind) {
-    case K_I8: block_scalar_t<K_I8>(L, row0, nr, x, ldx, nb, out); break;
-    case K_BF16: block_scalar_t<K_BF16>(L, row0, nr, x, ldx, nb, out); break;
-    case K_F16: block_scalar_t<K_F16>(L, row0, nr, x, ldx, nb, out); break;
-    default: block_scalar_t<K_F32>(L, row0, nr, x, ldx, nb, out); break;
+    case K_I8: block_scalar_t<K_I8>(L, row0, rs, nr, x, ldx, nb, out); break;
+    case K_BF16: block_scalar_t<K_BF16>(L, row0, rs, nr, x, ldx, nb, out); break;
+    case K_F16: block_scalar_t<K_F16>(L, row0, rs, nr, x, ldx, nb, out); break;
+    default: block_scalar_t<K_F32>(L, row0, rs, nr, x, ldx, nb, out); break;
   }
 }
 
@@ -165,25 +194,37 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) inline __m512 load16_fu
 #define RK_UNROLL _Pragma("GCC unroll 16")
 
 template <int KIND, int NR, int NB>
-__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const Lin& L, int64_t row0,
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const Lin& L, int64_t row0, int64_t rs,
                                                                          const float* __restrict x, int64_t ldx,
                                                                          float* __restrict out) {
   const int64_t K = L.k;
   const void* W = L.w;
+  constexpr int ESZ = elem_size<KIND>();
+  // 16 weights per vector; SUB vectors make one 64-byte line of each row.
+  constexpr int SUB = 64 / (16 * ESZ) > 0 ? 64 / (16 * ESZ) : 1;
   __m512 acc[NR * NB];
   RK_UNROLL for (int j = 0; j < NR * NB; ++j) acc[j] = _mm512_setzero_ps();
-  // The NR rows are one contiguous stretch of NR * K weights, read as NR short
-  // streams; the hardware prefetcher catches those late when K is small (int8
-  // rows of 768 bytes ran at ~10 GB/s, under half the bandwidth).  So prefetch
-  // the next call's stretch linearly, LINES cache lines per step of 16 weights.
-  constexpr int ESZ = elem_size<KIND>();
-  constexpr int LINES = NR * 16 * ESZ / 64 > 0 ? NR * 16 * ESZ / 64 : 1;
-  const char* next = static_cast<const char*>(W) + (row0 + NR) * K * ESZ;
+  int64_t base[NR];
+  RK_UNROLL for (int r = 0; r < NR; ++r) base[r] = (row0 + r * rs) * K;
   int64_t i = 0;
+  // Each row continues linearly into the next row of its stream, so one
+  // prefetch per line and row, PF_DIST bytes ahead, runs ahead of the stream
+  // across row ends.
+  for (; i + 16 * SUB <= K; i += 16 * SUB) {
+    RK_UNROLL for (int r = 0; r < NR; ++r)
+      _mm_prefetch(static_cast<const char*>(W) + (base[r] + i) * ESZ + PF_DIST, RK_PF_HINT);
+    RK_UNROLL for (int q = 0; q < SUB; ++q) {
+      __m512 w[NR];
+      RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16_full<KIND>(W, base[r] + i + 16 * q);
+      RK_UNROLL for (int b = 0; b < NB; ++b) {
+        const __m512 xv = _mm512_loadu_ps(x + b * ldx + i + 16 * q);
+        RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
+      }
+    }
+  }
   for (; i + 16 <= K; i += 16) {
-    RK_UNROLL for (int p = 0; p < LINES; ++p) _mm_prefetch(next + i * NR * ESZ + p * 64, _MM_HINT_T0);
     __m512 w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16_full<KIND>(W, (row0 + r) * K + i);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16_full<KIND>(W, base[r] + i);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + b * ldx + i);
       RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
@@ -192,7 +233,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const L
   if (i < K) {
     const __mmask16 m = static_cast<__mmask16>((1u << (K - i)) - 1u);
     __m512 w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16<KIND>(W, (row0 + r) * K + i, m);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load16<KIND>(W, base[r] + i, m);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + b * ldx + i);
       RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm512_fmadd_ps(w[r], xv, acc[r * NB + b]);
@@ -204,28 +245,32 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void block512_t(const L
 }
 
 template <int KIND, int NR>
-void block512_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
+void block512_nb(const Lin& L, int64_t row0, int64_t rs, const float* x, int64_t ldx, int nb, float* out) {
   switch (nb) {
-    case 1: block512_t<KIND, NR, 1>(L, row0, x, ldx, out); break;
-    case 2: block512_t<KIND, NR, 2>(L, row0, x, ldx, out); break;
-    case 3: block512_t<KIND, NR, 3>(L, row0, x, ldx, out); break;
-    default: block512_t<KIND, NR, 4>(L, row0, x, ldx, out); break;
+    case 1: block512_t<KIND, NR, 1>(L, row0, rs, x, ldx, out); break;
+    case 2: block512_t<KIND, NR, 2>(L, row0, rs, x, ldx, out); break;
+    case 3: block512_t<KIND, NR, 3>(L, row0, rs, x, ldx, out); break;
+    default: block512_t<KIND, NR, 4>(L, row0, rs, x, ldx, out); break;
   }
 }
 
 template <int KIND>
-void block512_rows(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+void block512_rows(const Lin& L, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb, float* out) {
   int r = 0;
-  for (; r + KR <= nr; r += KR) block512_nb<KIND, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
-  for (; r < nr; ++r) block512_nb<KIND, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+  // Eight rows at once while their accumulators fit in the 32 registers
+  // (nb <= 2), else four; every weight is loaded once per batch tile either way.
+  if (nb <= 2)
+    for (; r + 8 <= nr; r += 8) block512_nb<KIND, 8>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);
+  for (; r + 4 <= nr; r += 4) block512_nb<KIND, 4>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);
+  for (; r < nr; ++r) block512_nb<KIND, 1>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);
 }
 
-void block_avx512(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+void block_avx512(const Lin& L, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb, float* out) {
   switch (L.kind) {
-    case K_I8: block512_rows<K_I8>(L, row0, nr, x, ldx, nb, out); break;
-    case K_BF16: block512_rows<K_BF16>(L, row0, nr, x, ldx, nb, out); break;
-    case K_F16: block512_rows<K_F16>(L, row0, nr, x, ldx, nb, out); break;
-    default: block512_rows<K_F32>(L, row0, nr, x, ldx, nb, out); break;
+    case K_I8: block512_rows<K_I8>(L, row0, rs, nr, x, ldx, nb, out); break;
+    case K_BF16: block512_rows<K_BF16>(L, row0, rs, nr, x, ldx, nb, out); break;
+    case K_F16: block512_rows<K_F16>(L, row0, rs, nr, x, ldx, nb, out); break;
+    default: block512_rows<K_F32>(L, row0, rs, nr, x, ldx, nb, out); break;
   }
 }
 
@@ -238,19 +283,20 @@ void block_avx512(const Lin& L, int64_t row0, int nr, const float* x, int64_t ld
 #define RK_BF16_TARGET "avx512f,avx512bw,avx512vl,avx512bf16,fma"
 
 template <int NR, int NB>
-__attribute__((target(RK_BF16_TARGET))) void block512dp_t(const Lin& L, int64_t row0, const float* __restrict x,
+__attribute__((target(RK_BF16_TARGET))) void block512dp_t(const Lin& L, int64_t row0, int64_t rs, const float* __restrict x,
                                                           int64_t ldx, float* __restrict out) {
   const int64_t K = L.k;
   const uint16_t* W = static_cast<const uint16_t*>(L.w);
   __m512 acc[NR * NB];
   RK_UNROLL for (int j = 0; j < NR * NB; ++j) acc[j] = _mm512_setzero_ps();
-  constexpr int LINES = NR;  // NR rows x 32 weights x 2 bytes per step = NR lines
-  const char* next = reinterpret_cast<const char*>(W + (row0 + NR) * K);
+  int64_t base[NR];
+  RK_UNROLL for (int r = 0; r < NR; ++r) base[r] = (row0 + r * rs) * K;
   int64_t i = 0;
-  for (; i + 32 <= K; i += 32) {
-    RK_UNROLL for (int p = 0; p < LINES; ++p) _mm_prefetch(next + i * NR * 2 + p * 64, _MM_HINT_T0);
+  for (; i + 32 <= K; i += 32) {  // 32 weights = one line of each row
+    RK_UNROLL for (int r = 0; r < NR; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(W + base[r] + i) + PF_DIST, RK_PF_HINT);
     __m512i w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = _mm512_loadu_si512(W + (row0 + r) * K + i);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = _mm512_loadu_si512(W + base[r] + i);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const float* xb = x + b * ldx + i;
       const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(xb + 16), _mm512_loadu_ps(xb));
@@ -263,7 +309,7 @@ __attribute__((target(RK_BF16_TARGET))) void block512dp_t(const Lin& L, int64_t 
     const __mmask16 mlo = static_cast<__mmask16>(rem >= 16 ? 0xffffu : (1u << rem) - 1u);
     const __mmask16 mhi = static_cast<__mmask16>(rem > 16 ? (1u << (rem - 16)) - 1u : 0u);
     __m512i w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = _mm512_maskz_loadu_epi16(mw, W + (row0 + r) * K + i);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = _mm512_maskz_loadu_epi16(mw, W + base[r] + i);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const float* xb = x + b * ldx + i;
       const __m512bh xv = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(mhi, xb + 16), _mm512_maskz_loadu_ps(mlo, xb));
@@ -276,20 +322,22 @@ __attribute__((target(RK_BF16_TARGET))) void block512dp_t(const Lin& L, int64_t 
 }
 
 template <int NR>
-void block512dp_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
+void block512dp_nb(const Lin& L, int64_t row0, int64_t rs, const float* x, int64_t ldx, int nb, float* out) {
   switch (nb) {
-    case 1: block512dp_t<NR, 1>(L, row0, x, ldx, out); break;
-    case 2: block512dp_t<NR, 2>(L, row0, x, ldx, out); break;
-    case 3: block512dp_t<NR, 3>(L, row0, x, ldx, out); break;
-    default: block512dp_t<NR, 4>(L, row0, x, ldx, out); break;
+    case 1: block512dp_t<NR, 1>(L, row0, rs, x, ldx, out); break;
+    case 2: block512dp_t<NR, 2>(L, row0, rs, x, ldx, out); break;
+    case 3: block512dp_t<NR, 3>(L, row0, rs, x, ldx, out); break;
+    default: block512dp_t<NR, 4>(L, row0, rs, x, ldx, out); break;
   }
 }
 
-void block_avx512_dp(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
-  if (L.kind != K_BF16) return block_avx512(L, row0, nr, x, ldx, nb, out);
+void block_avx512_dp(const Lin& L, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb, float* out) {
+  if (L.kind != K_BF16) return block_avx512(L, row0, rs, nr, x, ldx, nb, out);
   int r = 0;
-  for (; r + KR <= nr; r += KR) block512dp_nb<KR>(L, row0 + r, x, ldx, nb, out + r * BT);
-  for (; r < nr; ++r) block512dp_nb<1>(L, row0 + r, x, ldx, nb, out + r * BT);
+  if (nb <= 2)
+    for (; r + 8 <= nr; r += 8) block512dp_nb<8>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);
+  for (; r + 4 <= nr; r += 4) block512dp_nb<4>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);
+  for (; r < nr; ++r) block512dp_nb<1>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);
 }
 
 // ---------------------------------------------------------------- AVX2
@@ -319,21 +367,33 @@ __attribute__((target(RK_AVX2_TARGET))) inline float hsum256(__m256 v) {
 }
 
 template <int KIND, int NR, int NB>
-__attribute__((target(RK_AVX2_TARGET))) void block256_t(const Lin& L, int64_t row0, const float* __restrict x,
+__attribute__((target(RK_AVX2_TARGET))) void block256_t(const Lin& L, int64_t row0, int64_t rs, const float* __restrict x,
                                                         int64_t ldx, float* __restrict out) {
   const int64_t K = L.k;
   const void* W = L.w;
   __m256 acc[NR * NB];
   RK_UNROLL for (int j = 0; j < NR * NB; ++j) acc[j] = _mm256_setzero_ps();
-  // Linear prefetch of the next call's rows, as in block512_t.
+  // Row streams with a prefetch per line, as in block512_t.
   constexpr int ESZ = elem_size<KIND>();
-  constexpr int LINES = NR * 8 * ESZ / 64 > 0 ? NR * 8 * ESZ / 64 : 1;
-  const char* next = static_cast<const char*>(W) + (row0 + NR) * K * ESZ;
+  constexpr int SUB = 64 / (8 * ESZ);  // 8-weight vectors per line: 2 (fp32), 4 (2-byte), 8 (int8)
+  int64_t base[NR];
+  RK_UNROLL for (int r = 0; r < NR; ++r) base[r] = (row0 + r * rs) * K;
   int64_t i = 0;
+  for (; i + 8 * SUB <= K; i += 8 * SUB) {
+    RK_UNROLL for (int r = 0; r < NR; ++r)
+      _mm_prefetch(static_cast<const char*>(W) + (base[r] + i) * ESZ + PF_DIST, RK_PF_HINT);
+    RK_UNROLL for (int q = 0; q < SUB; ++q) {
+      __m256 w[NR];
+      RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load8<KIND>(W, base[r] + i + 8 * q);
+      RK_UNROLL for (int b = 0; b < NB; ++b) {
+        const __m256 xv = _mm256_loadu_ps(x + b * ldx + i + 8 * q);
+        RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm256_fmadd_ps(w[r], xv, acc[r * NB + b]);
+      }
+    }
+  }
   for (; i + 8 <= K; i += 8) {
-    RK_UNROLL for (int p = 0; p < LINES; ++p) _mm_prefetch(next + i * NR * ESZ + p * 64, _MM_HINT_T0);
     __m256 w[NR];
-    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load8<KIND>(W, (row0 + r) * K + i);
+    RK_UNROLL for (int r = 0; r < NR; ++r) w[r] = load8<KIND>(W, base[r] + i);
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       const __m256 xv = _mm256_loadu_ps(x + b * ldx + i);
       RK_UNROLL for (int r = 0; r < NR; ++r) acc[r * NB + b] = _mm256_fmadd_ps(w[r], xv, acc[r * NB + b]);
@@ -343,35 +403,35 @@ __attribute__((target(RK_AVX2_TARGET))) void block256_t(const Lin& L, int64_t ro
     RK_UNROLL for (int b = 0; b < NB; ++b) {
       float s = hsum256(acc[r * NB + b]);
       const float* xb = x + b * ldx;
-      for (int64_t j = i; j < K; ++j) s += weight_at<KIND>(W, (row0 + r) * K + j) * xb[j];
+      for (int64_t j = i; j < K; ++j) s += weight_at<KIND>(W, base[r] + j) * xb[j];
       out[r * BT + b] = s;
     }
   }
 }
 
 template <int KIND, int NR>
-void block256_nb(const Lin& L, int64_t row0, const float* x, int64_t ldx, int nb, float* out) {
+void block256_nb(const Lin& L, int64_t row0, int64_t rs, const float* x, int64_t ldx, int nb, float* out) {
   switch (nb) {
-    case 1: block256_t<KIND, NR, 1>(L, row0, x, ldx, out); break;
-    case 2: block256_t<KIND, NR, 2>(L, row0, x, ldx, out); break;
-    case 3: block256_t<KIND, NR, 3>(L, row0, x, ldx, out); break;
-    default: block256_t<KIND, NR, 4>(L, row0, x, ldx, out); break;
+    case 1: block256_t<KIND, NR, 1>(L, row0, rs, x, ldx, out); break;
+    case 2: block256_t<KIND, NR, 2>(L, row0, rs, x, ldx, out); break;
+    case 3: block256_t<KIND, NR, 3>(L, row0, rs, x, ldx, out); break;
+    default: block256_t<KIND, NR, 4>(L, row0, rs, x, ldx, out); break;
   }
 }
 
 template <int KIND>
-void block256_rows(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+void block256_rows(const Lin& L, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb, float* out) {
   int r = 0;
-  for (; r + KR <= nr; r += KR) block256_nb<KIND, KR>(L, row0 + r, x, ldx, nb, out + r * BT);
-  for (; r < nr; ++r) block256_nb<KIND, 1>(L, row0 + r, x, ldx, nb, out + r * BT);
+  for (; r + 4 <= nr; r += 4) block256_nb<KIND, 4>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);  // 16 registers
+  for (; r < nr; ++r) block256_nb<KIND, 1>(L, row0 + r * rs, rs, x, ldx, nb, out + r * BT);
 }
 
-void block_avx2(const Lin& L, int64_t row0, int nr, const float* x, int64_t ldx, int nb, float* out) {
+void block_avx2(const Lin& L, int64_t row0, int64_t rs, int nr, const float* x, int64_t ldx, int nb, float* out) {
   switch (L.kind) {
-    case K_I8: block256_rows<K_I8>(L, row0, nr, x, ldx, nb, out); break;
-    case K_BF16: block256_rows<K_BF16>(L, row0, nr, x, ldx, nb, out); break;
-    case K_F16: block256_rows<K_F16>(L, row0, nr, x, ldx, nb, out); break;
-    default: block256_rows<K_F32>(L, row0, nr, x, ldx, nb, out); break;
+    case K_I8: block256_rows<K_I8>(L, row0, rs, nr, x, ldx, nb, out); break;
+    case K_BF16: block256_rows<K_BF16>(L, row0, rs, nr, x, ldx, nb, out); break;
+    case K_F16: block256_rows<K_F16>(L, row0, rs, nr, x, ldx, nb, out); break;
+    default: block256_rows<K_F32>(L, row0, rs, nr, x, ldx, nb, out); break;
   }
 }
 #endif  // RK_X86
@@ -429,39 +489,65 @@ struct Job {
   const float* bias = nullptr;  // per output row, added before the activation (RWKV-7's w0, a0, v0)
 };
 
-// Runs inside an OpenMP parallel region: the row blocks of all jobs are shared
-// out over the threads in one static schedule (one barrier for all of them).
+// Runs inside an OpenMP parallel region.  The rows of all jobs are laid end
+// to end and cut into one contiguous stretch per thread of (nearly) equal
+// bytes, so a phase costs one barrier and no thread waits on another's larger
+// matrices.  Within a thread's rows of a matrix, the KR row streams start at
+// its quarter points: each stream is then one long linear read (the whole
+// head matrix: ~50 MB per stream), the pattern that reaches the bandwidth.
+// Streams advance CH rows at a time, every batch tile of BT rows reusing
+// those KR * CH rows from the cache.
 void run_jobs(const Job* jobs, int njobs, int64_t B, BlockFn fn) {
-  int64_t offs[8];
-  int64_t total = 0;
+  constexpr int64_t ROW_COST = 64;  // bytes' worth of per-row work (reduction, epilogue)
+  int64_t off[9];
+  off[0] = 0;
   for (int j = 0; j < njobs; ++j) {
-    offs[j] = total;
-    total += (jobs[j].L->n + RB - 1) / RB;
+    const Lin& L = *jobs[j].L;
+    const int64_t esz = L.kind == K_F32 ? 4 : L.kind == K_I8 ? 1 : 2;
+    off[j + 1] = off[j] + L.n * (L.k * esz + ROW_COST);
   }
-#pragma omp for schedule(static)
-  for (int64_t blk = 0; blk < total; ++blk) {
-    int j = 0;
-    while (j + 1 < njobs && blk >= offs[j + 1]) ++j;
+  const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+  const int64_t lo = off[njobs] * t / nt, hi = off[njobs] * (t + 1) / nt;
+  for (int j = 0; j < njobs; ++j) {
+    if (jobs[j].L->n == 0 || off[j + 1] <= lo || off[j] >= hi) continue;
     const Job& J = jobs[j];
     const Lin& L = *J.L;
-    const int64_t row0 = (blk - offs[j]) * RB;
-    const int nr = static_cast<int>(std::min<int64_t>(RB, L.n - row0));
-    float res[RB * BT];
-    for (int64_t b0 = 0; b0 < B; b0 += BT) {
-      const int nb = static_cast<int>(std::min<int64_t>(BT, B - b0));
-      fn(L, row0, nr, J.x + b0 * L.k, L.k, nb, res);
-      for (int r = 0; r < nr; ++r) {
-        const float sc = L.kind == 1 ? L.scale[row0 + r] : 1.f;
-        for (int b = 0; b < nb; ++b) {
-          float v = res[r * BT + b] * sc;
-          if (J.act == ACT_SIGMOID) v = sigmoidf(v);
-          else if (J.act == ACT_RELU_SQ) v = v > 0.f ? v * v : 0.f;
-          else if (J.act > ACT_RELU_SQ) v = act7(J.act, J.bias ? J.bias[row0 + r] + v : v);
-          J.y[(b0 + b) * L.n + row0 + r] = v;
+    // Row boundaries by one rounding rule, so neighbouring threads' ranges meet.
+    const int64_t cost = (off[j + 1] - off[j]) / L.n;
+    auto row_at = [&](int64_t p) { return std::min(L.n, std::max<int64_t>(0, (p - off[j] + cost / 2) / cost)); };
+    const int64_t a = row_at(lo), e = row_at(hi);
+    if (e <= a) continue;
+    const int64_t S = (e - a) / KR;  // rows per stream
+    float res[KR * BT];
+    auto emit = [&](int64_t b0, int nb, int64_t row, int r) {
+      const float sc = L.kind == K_I8 ? L.scale[row] : 1.f;
+      for (int b = 0; b < nb; ++b) {
+        float v = res[r * BT + b] * sc;
+        if (J.act == ACT_SIGMOID) v = sigmoidf(v);
+        else if (J.act == ACT_RELU_SQ) v = v > 0.f ? v * v : 0.f;
+        else if (J.act > ACT_RELU_SQ) v = act7(J.act, J.bias ? J.bias[row] + v : v);
+        J.y[(b0 + b) * L.n + row] = v;
+      }
+    };
+    for (int64_t c0 = 0; c0 < S; c0 += CH) {
+      const int64_t c1 = std::min(S, c0 + CH);
+      for (int64_t b0 = 0; b0 < B; b0 += BT) {
+        const int nb = static_cast<int>(std::min<int64_t>(BT, B - b0));
+        for (int64_t m = c0; m < c1; ++m) {
+          fn(L, a + m, S, KR, J.x + b0 * L.k, L.k, nb, res);
+          for (int r = 0; r < KR; ++r) emit(b0, nb, a + m + r * S, r);
         }
       }
     }
+    for (int64_t row = a + KR * S; row < e; ++row) {  // fewer than KR rows left
+      for (int64_t b0 = 0; b0 < B; b0 += BT) {
+        const int nb = static_cast<int>(std::min<int64_t>(BT, B - b0));
+        fn(L, row, 1, 1, J.x + b0 * L.k, L.k, nb, res);
+        emit(b0, nb, row, 0);
+      }
+    }
   }
+#pragma omp barrier
 }
 
 // LayerNorm of one row (mean and variance in double: the row is short).
